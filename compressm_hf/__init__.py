@@ -77,7 +77,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .modeling.lru import LRUConfig, LRUForCausalLM, LRUForSequenceClassification, LRUModel
-    from .modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, CompreSSMMambaModel
-    from .trainer.callback import CompreSSMCallback
-    from .trainer.schedule import CompressionSchedule
+    from .modeling.lru import LRUConfig, LRUForCausalLM, LRUForSequenceClassification, LRUModel  # noqa: F401
+    from .modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, CompreSSMMambaModel  # noqa: F401
+    from .trainer.callback import CompreSSMCallback  # noqa: F401
+    from .trainer.schedule import CompressionSchedule  # noqa: F401
