@@ -1,1 +1,26 @@
-"""(placeholder)"""
+"""Hugging Face ``Trainer`` integration of CompreSSM (installed as ``compressm_hf.trainer``).
+
+* :class:`CompreSSMCallback` -- compresses the model's SSM layers while it trains;
+* :class:`CompressionSchedule` -- which optimizer steps attempt a reduction;
+* :mod:`.surgery` -- optimizer-state transplant, in-place DDP rebuild, rollback snapshots;
+* :mod:`.report` -- ``compression_report.json`` and the log payloads.
+"""
+
+from __future__ import annotations
+
+from .callback import CompreSSMCallback, find_trainer
+from .report import REPORT_NAME, read_report, write_report
+from .schedule import CompressionSchedule
+from .surgery import base_optimizer, rebuild_ddp_in_place_, transplant_optimizer_state
+
+__all__ = [
+    "REPORT_NAME",
+    "CompreSSMCallback",
+    "CompressionSchedule",
+    "base_optimizer",
+    "find_trainer",
+    "read_report",
+    "rebuild_ddp_in_place_",
+    "transplant_optimizer_state",
+    "write_report",
+]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+
+from compressm_hf import ReductionPlan
 from compressm_hf.modeling.mamba import (
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     UnsupportedAdapterError,
     export_to_mamba,
 )
-from peft import LoraConfig, get_peft_model
-
-from compressm_hf import ReductionPlan
 
 VOCAB = 64
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from compressm_hf import LTISystem, RankPolicy, ReductionPlan, find_reducible_layers, plan_reduction
 from compressm_hf.modeling.mamba import (
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     MissingStatisticsError,
 )
-
-from compressm_hf import LTISystem, RankPolicy, ReductionPlan, find_reducible_layers, plan_reduction
 
 VOCAB = 64
 

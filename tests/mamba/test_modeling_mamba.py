@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+
 from compressm_hf.modeling.mamba import (
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
@@ -20,7 +22,6 @@ from compressm_hf.modeling.mamba import (
     NonUniformStateSizesError,
     export_to_mamba,
 )
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 VOCAB = 64
 

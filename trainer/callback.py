@@ -1,0 +1,789 @@
+"""``CompreSSMCallback``: CompreSSM inside ``transformers.Trainer``.
+
+At scheduled optimizer steps the callback shrinks every reducible SSM layer of the model (any
+module implementing :class:`compressm_hf.ReducibleSSM`) by balanced or modal truncation, keeps
+the optimizer and DDP consistent, records what happened in ``model.config`` and in
+``compression_report.json``, and logs it through the Trainer.
+
+Usage::
+
+    from compressm_hf import CompreSSMCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[CompreSSMCallback(tau=0.05)])
+    trainer.train()
+
+How the callback finds the Trainer
+----------------------------------
+Trainer events receive the model, optimizer, scheduler and dataloaders, but not the Trainer.
+The callback needs it for two things: the DDP wrapper (``trainer.model_wrapped``, rebuilt in
+place after a cut) and ``trainer.log`` / ``trainer.evaluate``. At ``on_train_begin`` it walks the
+Python call stack (``Trainer._inner_training_loop`` -> ``CallbackHandler.on_train_begin`` ->
+``call_event`` -> here) for the first frame whose ``self`` is a ``transformers.Trainer``
+(subclasses included). :meth:`CompreSSMCallback.bind` sets it explicitly instead (and wins).
+
+Lifecycle
+---------
+``on_train_begin``
+    Validates everything that needs the run (schedule against ``state.max_steps``, a reducible
+    layer exists, pragmatic mode has evaluation), restores the exported state on resume.
+``on_step_end`` (after ``optimizer.step``, ``lr_scheduler.step`` and ``zero_grad``; it only fires
+at optimizer-step boundaries, so never inside a gradient-accumulation cycle)
+    At a scheduled step: plan every layer (rank 0 plans, the plans are broadcast), ``reduce_``,
+    transplant the optimizer state, rebuild DDP in place, update ``config.state_sizes`` and
+    ``config.compression``, log, write the report. The checkpoint/eval of the same step
+    (``_maybe_log_save_evaluate`` runs right after) already sees the compressed model.
+``on_evaluate`` (pragmatic mode)
+    Compares the metric with the pre-cut one and rolls back if it dropped too much.
+``on_save``
+    Writes ``compression_report.json`` into ``{output_dir}/checkpoint-{global_step}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
+
+from .report import (
+    REPORT_NAME,
+    build_report,
+    config_record,
+    event_log_payload,
+    jsonable,
+    write_report,
+)
+from .schedule import CompressionSchedule
+from .surgery import (
+    OPTIMIZER_STATE_MODES,
+    broadcast_objects,
+    distributed_rank,
+    is_distributed,
+    rebuild_ddp_in_place_,
+    restore_training_state,
+    snapshot_training_state,
+    transplant_optimizer_state,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODES", "SELECTIONS", "CompreSSMCallback", "find_trainer"]
+
+MODES = ("tolerance", "fixed", "pragmatic")
+SELECTIONS = ("largest", "smallest", "random")
+SNAPSHOT_NAME = "compressm_pragmatic_snapshot.pt"
+
+
+def find_trainer(max_depth: int = 64):
+    """The ``transformers.Trainer`` up the call stack (the ``self`` of a calling frame), or None."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < max_depth:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
+
+
+def _resume_checkpoint_on_stack(max_depth: int = 64) -> str | None:
+    """``resume_from_checkpoint`` of the running ``Trainer.train``/``_inner_training_loop`` call, if any."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < max_depth:
+            if isinstance(frame.f_locals.get("self"), Trainer):
+                value = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(value, (str, os.PathLike)):
+                    return os.fspath(value)
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
+
+
+def _set_statistics(model: torch.nn.Module, enabled: bool, reset: bool = False) -> None:
+    """Switch surrogate-statistics collection of selective layers (those that have it) on or off."""
+    for layer in find_reducible_layers(model):
+        if hasattr(layer, "collect_statistics"):
+            layer.collect_statistics = bool(enabled)
+            if reset and callable(getattr(layer, "reset_statistics", None)):
+                layer.reset_statistics()
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+class CompreSSMCallback(TrainerCallback, ExportableState):
+    """Compress SSM layers while they train (CompreSSM, arXiv 2510.02823).
+
+    Args:
+        tau: discarded fraction of the Hankel-singular-value sum per layer, in ``[0, 1)``;
+            required for ``mode="tolerance"``, ignored otherwise.
+        mode: ``"tolerance"`` (the paper's main method: smallest rank keeping ``(1 - tau)`` of
+            ``sum(sigma)``), ``"fixed"`` (cut ``fixed_fraction`` of the states per attempt) or
+            ``"pragmatic"`` (cut ``fixed_fraction`` per attempt; before each cut the model and
+            optimizer are saved (CPU copies) with a fresh evaluation; at the next evaluation
+            (or the next attempt) a metric drop larger than ``pragmatic_tolerance`` restores the
+            pre-cut state exactly and stops cutting for good).
+        schedule: a :class:`CompressionSchedule`, or a list of explicit optimizer steps.
+        window: ``(start, end)`` fractions of ``max_steps`` (default ``(0.0, 0.1)``).
+        attempts: equally spaced attempts inside the window (default 4, so at 2.5%, 5%,
+            7.5% and 10% of ``max_steps``).
+        steps: explicit optimizer steps (overrides ``window``/``attempts``).
+        gate: a layer is cut only if the new rank is ``< gate * n`` (paper: 0.95).
+        min_state_size: never shrink a layer below this many states.
+        round_to: round every new size up to a multiple of this (kernel-friendly sizes).
+        selection: ``"largest"`` (keep the dominant balanced states), ``"smallest"`` or
+            ``"random"`` (paper App. C.1 ablations).
+        fixed_fraction: fraction cut per attempt in ``"fixed"``/``"pragmatic"`` mode.
+        optimizer_state: ``"slice"`` (carry Adam moments: by index when the layer reports the
+            kept states, else the leading entries like the reference code) or ``"reset"``
+            (fresh zero moments for the replaced tensors). The scalar ``step`` is always kept.
+        pragmatic_tolerance: largest allowed drop of the metric (absolute) in pragmatic mode.
+        metric_for_pragmatic: evaluation metric to compare (default
+            ``args.metric_for_best_model``, else ``"eval_loss"``); the ``eval_`` prefix is optional.
+        greater_is_better: direction of that metric (default: ``args.greater_is_better`` when
+            the metric is ``args.metric_for_best_model``, else False for names ending in
+            ``loss``/``perplexity``/``error``, True otherwise).
+        seed: seeds ``selection="random"`` (per step and layer, so a resumed run draws the same).
+        log_per_layer: also log per-layer sizes, energy kept and error bounds.
+        statistics_steps: selective layers (Mamba) build their averaged LTI surrogate from
+            running statistics of real training batches; they collect them during this many
+            optimizer steps before every attempt (layers that have ``collect_statistics`` and
+            ``reset_statistics()``). Statistics are reset after each attempt.
+        report_name: file name of the JSON report.
+
+    A layer whose system cannot be reduced at an attempt (NaN/Inf parameters, unstable dynamics,
+    missing statistics: any ``ValueError`` from ``lti_system()`` or the planner) is skipped with a
+    warning and a ``"skipped"`` entry in the report; the model is left untouched and training goes on.
+
+    Raises:
+        ValueError: at construction for bad arguments; at ``on_train_begin`` for a schedule
+            that does not fit the run, a model without reducible layers, or pragmatic mode
+            without evaluation.
+    """
+
+    def __init__(
+        self,
+        tau: float | None = None,
+        mode: str = "tolerance",
+        *,
+        schedule: CompressionSchedule | Sequence[int] | None = None,
+        window: Sequence[float] | None = None,
+        attempts: int | None = None,
+        steps: Sequence[int] | None = None,
+        gate: float = 0.95,
+        min_state_size: int = 1,
+        round_to: int = 1,
+        selection: str = "largest",
+        fixed_fraction: float = 0.1,
+        optimizer_state: str = "slice",
+        pragmatic_tolerance: float = 0.02,
+        metric_for_pragmatic: str | None = None,
+        greater_is_better: bool | None = None,
+        seed: int = 0,
+        log_per_layer: bool = True,
+        statistics_steps: int = 8,
+        report_name: str = REPORT_NAME,
+    ) -> None:
+        if (
+            isinstance(statistics_steps, bool)
+            or not isinstance(statistics_steps, int)
+            or statistics_steps < 1
+        ):
+            raise ValueError(f"statistics_steps must be an int >= 1, got {statistics_steps!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise ValueError(
+                f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}"
+            )
+        if mode == "tolerance":
+            if tau is None:
+                raise ValueError("mode='tolerance' needs tau, the discarded fraction of sum(HSV), in [0, 1)")
+            if not _is_number(tau) or not 0.0 <= float(tau) < 1.0:
+                raise ValueError(
+                    f"tau must be a number in [0, 1) (discarded fraction of sum(HSV)), got {tau!r}"
+                )
+        elif tau is not None and (not _is_number(tau) or not 0.0 <= float(tau) < 1.0):
+            raise ValueError(f"tau must be a number in [0, 1) or None, got {tau!r}")
+        if not _is_number(pragmatic_tolerance) or pragmatic_tolerance < 0:
+            raise ValueError(f"pragmatic_tolerance must be a number >= 0, got {pragmatic_tolerance!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if metric_for_pragmatic is not None and not isinstance(metric_for_pragmatic, str):
+            raise ValueError(f"metric_for_pragmatic must be a metric name, got {metric_for_pragmatic!r}")
+        self.schedule = CompressionSchedule.coerce(schedule, window=window, attempts=attempts, steps=steps)
+        self.tau = None if tau is None else float(tau)
+        self.mode = mode
+        try:
+            self.policy = RankPolicy(
+                tau=self.tau if mode == "tolerance" else 0.0,
+                mode="tolerance" if mode == "tolerance" else "fixed",
+                gate=gate,
+                min_rank=min_state_size,
+                multiple_of=round_to,
+                selection=selection,
+                fixed_fraction=fixed_fraction,
+            )
+        except ValueError as exc:  # CompreSSMError subclasses ValueError; rename the fields for users
+            msg = str(exc).replace("min_rank", "min_state_size").replace("multiple_of", "round_to")
+            raise ValueError(msg) from None
+        self.gate = float(gate)
+        self.min_state_size = int(min_state_size)
+        self.round_to = int(round_to)
+        self.selection = selection
+        self.fixed_fraction = float(fixed_fraction)
+        self.optimizer_state = optimizer_state
+        self.pragmatic_tolerance = float(pragmatic_tolerance)
+        self.metric_for_pragmatic = metric_for_pragmatic
+        self.greater_is_better = greater_is_better
+        self.seed = seed
+        self.log_per_layer = bool(log_per_layer)
+        self.statistics_steps = statistics_steps
+        self.report_name = report_name
+
+        # --- exported state (survives checkpoints; see state()) ---
+        self.history: list[dict] = []  # report events
+        self.done_steps: list[int] = []  # scheduled steps already handled
+        self.stopped: bool = False  # pragmatic: cutting stopped after a rollback
+        self.original_sizes: list[int] | None = None
+        self.pending: dict | None = None  # pragmatic: {"step", "metric_before", "sizes_before"}
+
+        # --- runtime only ---
+        self._trainer = None
+        self._bound = False
+        self._steps: list[int] = []
+        self._snapshot: dict | None = None
+        self._metric: str | None = None
+        self._greater: bool = True
+        self._in_precut_eval = False
+        self._precut_metrics: dict | None = None
+        self._unlogged: list[dict] = []
+
+    # ------------------------------------------------------------------ public helpers
+
+    def bind(self, trainer) -> CompreSSMCallback:
+        """Use ``trainer`` (instead of finding it on the call stack at ``on_train_begin``)."""
+        self._trainer = trainer
+        self._bound = trainer is not None
+        return self
+
+    @property
+    def trainer(self):
+        return self._trainer
+
+    @property
+    def schedule_steps(self) -> list[int]:
+        """The resolved attempt steps (empty before ``on_train_begin``)."""
+        return list(self._steps)
+
+    def config_dict(self) -> dict:
+        """The callback's settings (JSON-friendly; stored in the report)."""
+        return {
+            "tau": self.tau,
+            "mode": self.mode,
+            "schedule": self.schedule.to_dict(),
+            "gate": self.gate,
+            "min_state_size": self.min_state_size,
+            "round_to": self.round_to,
+            "selection": self.selection,
+            "fixed_fraction": self.fixed_fraction,
+            "optimizer_state": self.optimizer_state,
+            "pragmatic_tolerance": self.pragmatic_tolerance,
+            "metric_for_pragmatic": self._metric or self.metric_for_pragmatic,
+            "greater_is_better": self._greater if self._metric else self.greater_is_better,
+            "seed": self.seed,
+            "statistics_steps": self.statistics_steps,
+        }
+
+    def report(self, model: torch.nn.Module | None = None) -> dict:
+        """The current ``compression_report.json`` content."""
+        final = None
+        if model is not None:
+            final = [int(layer.state_size) for layer in find_reducible_layers(model)]
+        elif self.history:
+            final = list(self.history[-1]["sizes_after"])
+        elif self.original_sizes is not None:
+            final = list(self.original_sizes)
+        return build_report(
+            config=self.config_dict(),
+            schedule_steps=self._steps,
+            original_sizes=self.original_sizes,
+            final_sizes=final,
+            events=self.history,
+            stopped=self.stopped,
+        )
+
+    # ------------------------------------------------------------------ ExportableState
+
+    def state(self) -> dict:
+        """Exported into ``TrainerState.stateful_callbacks`` at every checkpoint.
+
+        ``args`` rebuild an equivalent callback (``type(cb)(**args)``, as
+        ``Trainer._load_callback_state`` does with ``restore_callback_states_from_checkpoint``),
+        ``attributes`` carry the history. Without that flag the callback restores itself from
+        the same entry at ``on_train_begin`` of a resumed run.
+        """
+        sched = self.schedule.to_dict()
+        return {
+            "args": {
+                "tau": self.tau,
+                "mode": self.mode,
+                "window": sched.get("window"),
+                "attempts": sched.get("attempts"),
+                "steps": sched.get("steps"),
+                "gate": self.gate,
+                "min_state_size": self.min_state_size,
+                "round_to": self.round_to,
+                "selection": self.selection,
+                "fixed_fraction": self.fixed_fraction,
+                "optimizer_state": self.optimizer_state,
+                "pragmatic_tolerance": self.pragmatic_tolerance,
+                "metric_for_pragmatic": self.metric_for_pragmatic,
+                "greater_is_better": self.greater_is_better,
+                "seed": self.seed,
+                "log_per_layer": self.log_per_layer,
+                "report_name": self.report_name,
+            },
+            "attributes": jsonable(
+                {
+                    "history": self.history,
+                    "done_steps": self.done_steps,
+                    "stopped": self.stopped,
+                    "original_sizes": self.original_sizes,
+                    "pending": self.pending,
+                }
+            ),
+        }
+
+    def _restore_attributes(self, attributes: dict) -> None:
+        self.history = list(attributes.get("history") or [])
+        self.done_steps = [int(s) for s in attributes.get("done_steps") or []]
+        self.stopped = bool(attributes.get("stopped", False))
+        sizes = attributes.get("original_sizes")
+        self.original_sizes = None if sizes is None else [int(n) for n in sizes]
+        self.pending = attributes.get("pending")
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self._bound:
+            self._trainer = find_trainer()
+        if model is None:
+            raise ValueError("CompreSSMCallback needs the model (the Trainer passes it to every event)")
+        layers = find_reducible_layers(model)
+        if not layers:
+            raise ValueError(
+                f"{type(model).__name__} has no reducible SSM layer (no module implements lti_system(), reduce_() "
+                "and layer_idx); CompreSSMCallback has nothing to compress"
+            )
+        self._steps = self.schedule.resolve(state.max_steps)
+        if self.mode == "pragmatic":
+            self._check_pragmatic(args)
+
+        resumed = state.global_step > 0
+        if resumed:
+            data = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if isinstance(data, list):
+                data = data[0] if data else None
+            if isinstance(data, dict) and "attributes" in data:
+                self._restore_attributes(data["attributes"])
+            elif not self.history:
+                warnings.warn(
+                    "resuming without a saved CompreSSMCallback state: the compression history starts empty; "
+                    f"attempts at steps <= {state.global_step} are skipped",
+                    stacklevel=2,
+                )
+        else:
+            self.history, self.done_steps, self.stopped, self.pending = [], [], False, None
+            self.original_sizes = None
+        self._snapshot = None
+        sizes = [int(layer.state_size) for layer in layers]
+        if self.original_sizes is None:
+            self.original_sizes = sizes
+        if self.history and list(self.history[-1]["sizes_after"]) != sizes:
+            warnings.warn(
+                f"the model's state sizes {sizes} differ from the last recorded compression event "
+                f"({self.history[-1]['sizes_after']}); was the checkpoint loaded into the model?",
+                stacklevel=2,
+            )
+        if self.pending is not None:
+            self._load_pending_snapshot(args, state)
+        self._sync_config(model, layers)
+        # Transformers only registers stateful callbacks present when TrainerState was created; a run
+        # resumed from a checkpoint written without this callback would KeyError at the next save.
+        if state.stateful_callbacks is not None and type(self).__name__ not in state.stateful_callbacks:
+            state.stateful_callbacks[type(self).__name__] = self.state()
+        logger.info(
+            "CompreSSM: mode=%s tau=%s attempts at steps %s (max_steps=%s); layers %s sizes %s",
+            self.mode,
+            self.tau,
+            self._steps,
+            state.max_steps,
+            [int(layer.layer_idx) for layer in layers],
+            sizes,
+        )
+        return control
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # The optimizer step about to run ends with global_step == state.global_step + 1.
+        upcoming = [t for t in self._steps if t not in self.done_steps and t > state.global_step]
+        collect = (
+            bool(upcoming) and not self.stopped and upcoming[0] - state.global_step <= self.statistics_steps
+        )
+        if model is not None:
+            _set_statistics(model, collect)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = int(state.global_step)
+        if step not in self._steps or step in self.done_steps:
+            return control
+        self.done_steps.append(step)
+        if self.mode == "pragmatic":
+            if self.stopped:
+                return control
+            metrics = self._evaluate_now()
+            value = self._metric_value(metrics)
+            if self.pending is not None and self._compare_and_maybe_rollback(
+                args, state, model, optimizer, value, step
+            ):
+                return control
+            self._snapshot = snapshot_training_state(model, optimizer, find_reducible_layers(model))
+            event = self._reduce(args, state, model, optimizer)
+            if event["layers_reduced"]:
+                self.pending = {
+                    "step": step,
+                    "metric_before": value,
+                    "sizes_before": list(event["sizes_before"]),
+                }
+            else:
+                self._snapshot = None
+        elif not self.stopped:
+            self._reduce(args, state, model, optimizer)
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, **kwargs):
+        if self._in_precut_eval:
+            self._precut_metrics = dict(metrics or {})
+            return control
+        if self.mode != "pragmatic" or self.pending is None or self.stopped:
+            return control
+        if state.global_step <= int(self.pending["step"]):
+            return control  # the evaluation right after a cut: no training since, compare later
+        self._compare_and_maybe_rollback(args, state, model, optimizer, self._metric_value(metrics), None)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Fallback when no Trainer was found: metrics were appended to state.log_history directly;
+        # also hand them to the loggers that come after this callback.
+        if self._unlogged and logs is not None:
+            for payload in self._unlogged:
+                logs.update(payload)
+            self._unlogged = []
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            return control
+        if state.is_world_process_zero:
+            write_report(os.path.join(checkpoint, self.report_name), self.report(kwargs.get("model")))
+            if self.pending is not None and self._snapshot is not None:
+                torch.save(self._snapshot, os.path.join(checkpoint, SNAPSHOT_NAME))
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.mode == "pragmatic" and self.pending is not None:
+            logger.warning(
+                "CompreSSM pragmatic: training ended before an evaluation judged the cut at step %s; it is kept",
+                self.pending["step"],
+            )
+        if state.is_world_process_zero and args.output_dir:
+            write_report(os.path.join(args.output_dir, self.report_name), self.report(model))
+        return control
+
+    # ------------------------------------------------------------------ the reduction
+
+    def _event_generator(self, step: int, layer_idx: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + step * 8191 + layer_idx) % (2**63 - 1))
+        return g
+
+    @torch.no_grad()
+    def _reduce(self, args, state, model, optimizer) -> dict:
+        step = int(state.global_step)
+        t_event = time.perf_counter()
+        layers = find_reducible_layers(model)
+        sizes_before = [int(layer.state_size) for layer in layers]
+        if distributed_rank() == 0:
+            plans, times = [], []
+            skipped = {}
+            for layer in layers:
+                t0 = time.perf_counter()
+                try:
+                    plan = plan_reduction(
+                        layer.lti_system(), self.policy, self._event_generator(step, layer.layer_idx)
+                    )
+                except ValueError as exc:  # NaN/Inf, unstable dynamics, missing statistics ...
+                    plan = None
+                    skipped[int(layer.layer_idx)] = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(
+                        f"CompreSSM step {step}: layer {layer.layer_idx} skipped, its system cannot be reduced "
+                        f"({type(exc).__name__}: {exc}); the layer is left unchanged",
+                        stacklevel=2,
+                    )
+                plans.append(plan)
+                times.append(time.perf_counter() - t0)
+        else:
+            plans, times, skipped = [None] * len(layers), [0.0] * len(layers), {}
+        if is_distributed():
+            plans, times, skipped = broadcast_objects([plans, times, skipped])
+        _set_statistics(model, False, reset=True)
+
+        swaps = []
+        records = []
+        for layer, plan, dt in zip(layers, plans, times):
+            n = int(layer.state_size)
+            record = {"layer_idx": int(layer.layer_idx), "n_before": n, "n_after": n, "reduced": False}
+            if plan is None:
+                idx = int(layer.layer_idx)
+                record["reason"] = f"skipped: {skipped[idx]}" if idx in skipped else "gate"
+            else:
+                t0 = time.perf_counter()
+                layer_swaps = list(layer.reduce_(plan))
+                for swap in layer_swaps:  # a frozen parameter stays frozen (e.g. under peft)
+                    old, new = (swap.old, swap.new) if hasattr(swap, "old") else (swap[0], swap[1])
+                    if new.requires_grad != old.requires_grad:
+                        new.requires_grad_(old.requires_grad)
+                swaps.extend(layer_swaps)
+                dt += time.perf_counter() - t0
+                record.update(
+                    n_after=int(layer.state_size),
+                    reduced=True,
+                    rule=plan.rule,
+                    selection=plan.selection,
+                    hsv=plan.hsv,
+                    energy_kept=float(plan.energy_kept),
+                    error_bound=float(plan.error_bound),
+                    extra=plan.extra,
+                )
+                if int(layer.state_size) != int(plan.rank):
+                    raise RuntimeError(
+                        f"{type(layer).__name__} (layer {layer.layer_idx}) reduce_ left {layer.state_size} states, "
+                        f"the plan asked for {plan.rank}"
+                    )
+            record["wall_time_s"] = dt
+            records.append(record)
+
+        counts = {}
+        if swaps:
+            if optimizer is not None:
+                counts = transplant_optimizer_state(optimizer, swaps, self.optimizer_state)
+            wrapped = getattr(self._trainer, "model_wrapped", None)
+            if wrapped is not None and wrapped is not model:
+                rebuild_ddp_in_place_(wrapped)
+            elif is_distributed():
+                warnings.warn(
+                    "torch.distributed is initialized but the Trainer was not found: DDP was not rebuilt after "
+                    "the cut and ranks may silently diverge; call CompreSSMCallback.bind(trainer)",
+                    stacklevel=2,
+                )
+        sizes_after = [int(layer.state_size) for layer in layers]
+        event = {
+            "kind": "reduction",
+            "step": step,
+            "epoch": state.epoch,
+            "sizes_before": sizes_before,
+            "sizes_after": sizes_after,
+            "layers_reduced": sum(1 for r in records if r["reduced"]),
+            "optimizer_state": self.optimizer_state,
+            "optimizer_counts": counts,
+            "wall_time_s": time.perf_counter() - t_event,
+            "layers": records,
+        }
+        self.history.append(jsonable(event))
+        self._sync_config(model, layers)
+        self._emit(args, state, event)
+        logger.info("CompreSSM step %d: state sizes %s -> %s", step, sizes_before, sizes_after)
+        return event
+
+    def _sync_config(self, model, layers) -> None:
+        config = getattr(model, "config", None)
+        if config is None:
+            return
+        sizes = getattr(config, "state_sizes", None)
+        if sizes is not None:
+            sizes = list(sizes)
+            for layer in layers:
+                idx = int(layer.layer_idx)
+                if idx < len(sizes) and int(sizes[idx]) != int(layer.state_size):
+                    warnings.warn(
+                        f"{type(layer).__name__} (layer {idx}) did not update config.state_sizes[{idx}] "
+                        f"({sizes[idx]} != {layer.state_size}); fixed by CompreSSMCallback",
+                        stacklevel=3,
+                    )
+                    sizes[idx] = int(layer.state_size)
+            config.state_sizes = sizes
+        config.compression = config_record(
+            tau=self.tau, mode=self.mode, original_sizes=self.original_sizes, events=self.history
+        )
+
+    def _emit(self, args, state, event: dict) -> None:
+        payload = event_log_payload(event, per_layer=self.log_per_layer)
+        if state.is_world_process_zero and args.output_dir:
+            try:
+                write_report(os.path.join(args.output_dir, self.report_name), self.report())
+            except OSError as exc:  # never kill a run over the report
+                logger.warning("could not write the compression report: %s", exc)
+        if self._trainer is not None and callable(getattr(self._trainer, "log", None)):
+            self._trainer.log(dict(payload))
+        else:
+            state.log_history.append({**payload, "step": state.global_step})
+            self._unlogged.append(payload)
+
+    # ------------------------------------------------------------------ pragmatic mode
+
+    def _check_pragmatic(self, args) -> None:
+        strategy = getattr(args, "eval_strategy", None)
+        if strategy is None or str(getattr(strategy, "value", strategy)) == "no":
+            raise ValueError(
+                "mode='pragmatic' compares an evaluation metric before and after each cut: set "
+                "TrainingArguments(eval_strategy='steps', eval_steps=...) and pass an eval_dataset"
+            )
+        if self._trainer is None or not callable(getattr(self._trainer, "evaluate", None)):
+            raise ValueError(
+                "mode='pragmatic' evaluates before each cut and needs the Trainer, which was not found on the "
+                "call stack; call CompreSSMCallback.bind(trainer)"
+            )
+        if getattr(self._trainer, "eval_dataset", None) is None:
+            raise ValueError("mode='pragmatic' needs an eval_dataset on the Trainer")
+        metric = self.metric_for_pragmatic or args.metric_for_best_model or "eval_loss"
+        if not metric.startswith("eval_"):
+            metric = f"eval_{metric}"
+        self._metric = metric
+        if self.greater_is_better is not None:
+            self._greater = bool(self.greater_is_better)
+        else:
+            best = args.metric_for_best_model
+            best = None if best is None else (best if best.startswith("eval_") else f"eval_{best}")
+            if best == metric and args.greater_is_better is not None:
+                self._greater = bool(args.greater_is_better)
+            else:
+                self._greater = not metric.endswith(("loss", "perplexity", "error"))
+
+    def _evaluate_now(self) -> dict:
+        self._in_precut_eval = True
+        self._precut_metrics = None
+        try:
+            metrics = self._trainer.evaluate()
+        finally:
+            self._in_precut_eval = False
+        return dict(metrics if metrics is not None else (self._precut_metrics or {}))
+
+    def _metric_value(self, metrics: dict | None) -> float:
+        metrics = metrics or {}
+        if self._metric not in metrics:
+            raise KeyError(
+                f"pragmatic mode compares {self._metric!r}, but the evaluation returned {sorted(metrics)}; set "
+                "metric_for_pragmatic to one of those"
+            )
+        return float(metrics[self._metric])
+
+    def _compare_and_maybe_rollback(self, args, state, model, optimizer, value: float, at_step) -> bool:
+        before = float(self.pending["metric_before"])
+        drop = (before - value) if self._greater else (value - before)
+        # every rank must take the same decision (metrics are gathered, but be safe)
+        (rollback,) = broadcast_objects([bool(drop > self.pragmatic_tolerance)])
+        cut_step = int(self.pending["step"])
+        if not rollback:
+            logger.info(
+                "CompreSSM pragmatic: cut at step %d kept (%s %.4g -> %.4g)",
+                cut_step,
+                self._metric,
+                before,
+                value,
+            )
+            self.pending, self._snapshot = None, None
+            return False
+        if self._snapshot is None:
+            warnings.warn(
+                f"CompreSSM pragmatic: the cut at step {cut_step} should be rolled back ({self._metric} "
+                f"{before:.4g} -> {value:.4g}) but its snapshot is not available; the cut is kept, cutting stops",
+                stacklevel=2,
+            )
+            self.pending, self.stopped = None, True
+            return True
+        layers = find_reducible_layers(model)
+        sizes_before = [int(layer.state_size) for layer in layers]
+        restore_training_state(model, optimizer, layers, self._snapshot)
+        wrapped = getattr(self._trainer, "model_wrapped", None)
+        if wrapped is not None and wrapped is not model:
+            rebuild_ddp_in_place_(wrapped)
+        sizes_after = [int(layer.state_size) for layer in layers]
+        event = {
+            "kind": "rollback",
+            "step": int(state.global_step),
+            "epoch": state.epoch,
+            "restored_step": cut_step,
+            "metric": self._metric,
+            "greater_is_better": self._greater,
+            "metric_before": before,
+            "metric_after": value,
+            "tolerance": self.pragmatic_tolerance,
+            "sizes_before": sizes_before,
+            "sizes_after": sizes_after,
+        }
+        self.history.append(jsonable(event))
+        self.pending, self._snapshot, self.stopped = None, None, True
+        self._sync_config(model, layers)
+        self._emit(args, state, event)
+        logger.warning(
+            "CompreSSM pragmatic: %s went %.4g -> %.4g after the cut at step %d (tolerance %g): rolled back to "
+            "sizes %s; no further cuts",
+            self._metric,
+            before,
+            value,
+            cut_step,
+            self.pragmatic_tolerance,
+            sizes_after,
+        )
+        return True
+
+    def _load_pending_snapshot(self, args, state) -> None:
+        folder = _resume_checkpoint_on_stack() or os.path.join(
+            args.output_dir, f"checkpoint-{state.global_step}"
+        )
+        path = os.path.join(folder, SNAPSHOT_NAME)
+        if os.path.isfile(path):
+            self._snapshot = torch.load(path, map_location="cpu", weights_only=True)
+            self._snapshot["sizes"] = {int(k): int(v) for k, v in self._snapshot["sizes"].items()}
+        else:
+            warnings.warn(
+                f"resumed with a pragmatic cut (step {self.pending['step']}) awaiting evaluation, but {path} is "
+                "missing; the cut will be kept without comparison",
+                stacklevel=2,
+            )
+            self.pending = None

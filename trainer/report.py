@@ -1,0 +1,217 @@
+"""``compression_report.json``: what every compression event did, and the Trainer log payloads.
+
+Format (``format="compressm-hf/compression-report"``, ``version=1``)::
+
+    {
+      "format": "compressm-hf/compression-report",
+      "version": 1,
+      "config": {"tau": 0.05, "mode": "tolerance", "schedule": {...}, "gate": 0.95, ...},
+      "schedule_steps": [25, 50, 75, 100],
+      "original_sizes": [64, 64],          # per layer (layer_idx order), at the start of training
+      "final_sizes": [31, 27],             # after the last event (what the model has now)
+      "stopped": false,                    # pragmatic mode: cutting stopped after a rollback
+      "events": [
+        {
+          "kind": "reduction",             # or "rollback" (pragmatic mode)
+          "step": 25,                      # optimizer step (state.global_step) of the event
+          "epoch": 0.1,
+          "sizes_before": [64, 64], "sizes_after": [40, 38],
+          "wall_time_s": 0.012,            # whole event: planning + reduce_ + optimizer surgery
+          "layers": [
+            {
+              "layer_idx": 0, "n_before": 64, "n_after": 40, "reduced": true,
+              "rule": "balanced", "selection": "largest",
+              "hsv": [...],                # (n_before,) descending (modal layers: importance scores)
+              "energy_kept": 0.991, "error_bound": 0.034,
+              "wall_time_s": 0.004,        # planning + reduce_ of this layer
+              "extra": {...}               # core diagnostics (clamped eigenvalues, ...)
+            },
+            {"layer_idx": 1, "n_before": 64, "n_after": 64, "reduced": false, "reason": "gate", ...}
+          ]
+        },
+        {"kind": "rollback", "step": 40, "restored_step": 25, "metric": "eval_loss",
+         "metric_before": 1.20, "metric_after": 1.31, "sizes_before": [...], "sizes_after": [...]}
+      ]
+    }
+
+:func:`write_report` writes atomically (temporary file + ``os.replace``); :func:`read_report`
+accepts a file or a directory holding ``compression_report.json`` and checks the format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+REPORT_NAME = "compression_report.json"
+REPORT_FORMAT = "compressm-hf/compression-report"
+REPORT_VERSION = 1
+LOG_PREFIX = "compressm/"
+
+__all__ = [
+    "LOG_PREFIX",
+    "REPORT_FORMAT",
+    "REPORT_NAME",
+    "REPORT_VERSION",
+    "build_report",
+    "config_record",
+    "event_log_payload",
+    "jsonable",
+    "read_report",
+    "write_report",
+]
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-serialisable copy of ``value`` (tensors -> lists, non-finite floats -> strings)."""
+    try:
+        import torch
+
+        if torch.is_tensor(value):
+            value = value.detach().cpu()
+            if value.is_complex():
+                return {"real": jsonable(value.real), "imag": jsonable(value.imag)}
+            return jsonable(value.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item"):
+        try:
+            return jsonable(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def build_report(
+    *,
+    config: Mapping[str, Any],
+    schedule_steps: list[int],
+    original_sizes: list[int] | None,
+    final_sizes: list[int] | None,
+    events: list[Mapping[str, Any]],
+    stopped: bool = False,
+) -> dict:
+    """The report dictionary (see the module docstring)."""
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "config": jsonable(dict(config)),
+        "schedule_steps": [int(s) for s in schedule_steps],
+        "original_sizes": None if original_sizes is None else [int(n) for n in original_sizes],
+        "final_sizes": None if final_sizes is None else [int(n) for n in final_sizes],
+        "stopped": bool(stopped),
+        "events": jsonable(list(events)),
+    }
+
+
+def _report_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path) or not path.endswith(".json"):
+        return os.path.join(path, REPORT_NAME)
+    return path
+
+
+def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> str:
+    """Write ``report`` to ``path`` (a directory gets ``compression_report.json``). Returns the file."""
+    target = _report_path(path)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=".compression_report.", suffix=".tmp", dir=os.path.dirname(target) or "."
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(jsonable(dict(report)), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """Read a report written by :func:`write_report` (file or directory).
+
+    Raises:
+        FileNotFoundError: no report there.
+        ValueError: the file is not a compressm-hf report, or of a newer format version.
+    """
+    target = _report_path(path)
+    with open(target, encoding="utf-8") as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ValueError(
+            f"{target} is not a compressm-hf compression report (format={report.get('format')!r})"
+        )
+    version = report.get("version")
+    if not isinstance(version, int) or version > REPORT_VERSION:
+        raise ValueError(
+            f"{target} has report version {version!r}; this compressm-hf reads versions <= {REPORT_VERSION}"
+        )
+    return report
+
+
+def config_record(
+    *, tau: float | None, mode: str, original_sizes: list[int] | None, events: list[Mapping[str, Any]]
+) -> dict:
+    """The compact record stored in ``model.config.compression`` (no spectra; see the report)."""
+    return {
+        "method": "CompreSSM (arXiv 2510.02823)",
+        "tau": tau,
+        "mode": mode,
+        "original_sizes": None if original_sizes is None else [int(n) for n in original_sizes],
+        "events": [
+            {
+                "kind": e.get("kind", "reduction"),
+                "step": int(e["step"]),
+                "sizes": [int(n) for n in e.get("sizes_after", [])],
+            }
+            for e in events
+        ],
+    }
+
+
+def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[str, float]:
+    """Flat ``{name: number}`` metrics of one event, for ``Trainer.log``.
+
+    Keys (prefix ``compressm/``): ``mean_state_size``, ``total_state_size``, ``layers_reduced``,
+    ``reduction_time_s``, ``rolled_back`` (rollback events); per reduced layer ``i`` (if
+    ``per_layer``): ``layer_{i}/state_size``, ``layer_{i}/energy_kept``, ``layer_{i}/error_bound``.
+    """
+    sizes = [int(n) for n in event.get("sizes_after", [])]
+    out: dict[str, float] = {}
+    if sizes:
+        out[LOG_PREFIX + "mean_state_size"] = float(sum(sizes) / len(sizes))
+        out[LOG_PREFIX + "total_state_size"] = float(sum(sizes))
+    if event.get("kind") == "rollback":
+        out[LOG_PREFIX + "rolled_back"] = 1.0
+        return out
+    layers = event.get("layers", [])
+    out[LOG_PREFIX + "layers_reduced"] = float(sum(1 for layer in layers if layer.get("reduced")))
+    if "wall_time_s" in event:
+        out[LOG_PREFIX + "reduction_time_s"] = float(event["wall_time_s"])
+    if per_layer:
+        for layer in layers:
+            i = layer["layer_idx"]
+            out[f"{LOG_PREFIX}layer_{i}/state_size"] = float(layer["n_after"])
+            if layer.get("reduced"):
+                for key in ("energy_kept", "error_bound"):
+                    value = layer.get(key)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        out[f"{LOG_PREFIX}layer_{i}/{key}"] = float(value)
+    return out
