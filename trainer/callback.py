@@ -40,6 +40,7 @@ at optimizer-step boundaries, so never inside a gradient-accumulation cycle)
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -75,7 +76,15 @@ from .surgery import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODES", "SELECTIONS", "CompreSSMCallback", "find_trainer"]
+__all__ = [
+    "MODES",
+    "SELECTIONS",
+    "CompreSSMCallback",
+    "find_trainer",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+    "quarantine_incomplete_checkpoints",
+]
 
 MODES = ("tolerance", "fixed", "pragmatic")
 SELECTIONS = ("largest", "smallest", "random")
@@ -117,6 +126,125 @@ def _resume_checkpoint_on_stack(max_depth: int = 64) -> str | None:
         return None
     finally:
         del frame
+
+
+# ---------------------------------------------------------------------------- checkpoint integrity
+#
+# transformers 5.x writes ``checkpoint-N`` in place (no temporary folder + rename): weights, then
+# optimizer/scheduler/scaler/RNG, then ``trainer_state.json`` (last, by the saving process), then
+# rotation of old checkpoints, then ``on_save``. ``Trainer.train(resume_from_checkpoint=True)``
+# takes the highest-numbered ``checkpoint-N`` folder whatever its content (``get_last_checkpoint``),
+# so a process killed while saving leaves a folder that the next resume picks and fails on (or, if
+# only the optimizer is missing, silently resumes with a fresh optimizer). A checkpoint is complete
+# when its ``trainer_state.json`` parses and the weights are there.
+
+_CHECKPOINT_RE = r"^checkpoint-(\d+)$"
+_TRAINER_STATE = "trainer_state.json"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` is a checkpoint ``Trainer`` finished writing (parseable ``trainer_state.json``
+    with a ``global_step``, and a weights file). FSDP/DeepSpeed sharded layouts count as complete when
+    ``trainer_state.json`` is valid (they are written before it)."""
+    folder = os.fspath(folder)
+    try:
+        with open(os.path.join(folder, _TRAINER_STATE), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or "global_step" not in data:
+        return False
+    names = set(os.listdir(folder))
+    sharded = any(n.startswith(("pytorch_model_fsdp", "global_step")) for n in names)
+    return sharded or any(n in names for n in _WEIGHT_FILES)
+
+
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    import re
+
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.match(_CHECKPOINT_RE, name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest-numbered complete ``checkpoint-N`` in ``output_dir`` (see :func:`is_complete_checkpoint`)."""
+    for _, path in reversed(_checkpoint_folders(os.fspath(output_dir))):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """Rename every incomplete ``checkpoint-N`` in ``output_dir`` to ``checkpoint-N.incomplete[-k]``.
+
+    Nothing is deleted; the renamed folders no longer match transformers' ``checkpoint-N`` pattern,
+    so ``resume_from_checkpoint=True`` and checkpoint rotation skip them. Returns ``(old, new)`` pairs.
+    """
+    moved = []
+    for _, path in _checkpoint_folders(os.fspath(output_dir)):
+        if is_complete_checkpoint(path):
+            continue
+        target, k = path + INCOMPLETE_SUFFIX, 1
+        while os.path.exists(target):
+            target, k = f"{path}{INCOMPLETE_SUFFIX}-{k}", k + 1
+        os.rename(path, target)
+        moved.append((path, target))
+    return moved
+
+
+def _unsupported_wrapper(trainer, args) -> str | None:
+    """``"FSDP"``/``"DeepSpeed"`` if the run shards parameters (which the callback cannot resize), else None."""
+    if trainer is not None:
+        if getattr(trainer, "is_fsdp_enabled", False):
+            return "FSDP"
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            return "DeepSpeed"
+    if args is not None:
+        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
+            return "DeepSpeed"
+        if getattr(args, "fsdp", None):  # [] / "" / None when off
+            return "FSDP"
+    return None
+
+
+# ``rediagonalize`` clamps |lambda| to 1 - 1e-6: a layer with a pole closer to the unit circle than that is
+# numerically marginal (its Gramians are ~1 / (1 - |lambda|^2) and a pole at |lambda| = 1 - 1e-16 passes the
+# strict ``|lambda| < 1`` check while dominating every Hankel singular value): skip it instead of cutting it
+# down to that one mode.
+MAX_POLE_MODULUS = 1.0 - 1e-6
+
+
+def _check_pole_margin(system) -> None:
+    from compressm_hf.errors import UnstableSystemError
+
+    A = system.A
+    if not torch.is_tensor(A) or A.numel() == 0:
+        return
+    if not bool(torch.isfinite(A).all()):
+        return  # NaN/Inf: plan_reduction raises InvalidSystemError with the details
+    modulus = (A if system.diagonal else torch.linalg.eigvals(A)).abs()
+    worst = float(modulus.max())
+    if worst > MAX_POLE_MODULUS:
+        raise UnstableSystemError(
+            f"|lambda| = {worst!r} is not <= {MAX_POLE_MODULUS!r}: the layer is (numerically) marginally "
+            "stable or unstable and cannot be balanced reliably"
+        )
 
 
 def _set_statistics(model: torch.nn.Module, enabled: bool, reset: bool = False) -> None:
@@ -171,6 +299,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             optimizer steps before every attempt (layers that have ``collect_statistics`` and
             ``reset_statistics()``). Statistics are reset after each attempt.
         report_name: file name of the JSON report.
+        skip_incomplete_checkpoints: when the Trainer is built (``on_init_end``), rename every
+            ``checkpoint-N`` folder of ``output_dir`` that a killed process left half-written (no
+            valid ``trainer_state.json`` or no weights) to ``checkpoint-N.incomplete``, so that
+            ``train(resume_from_checkpoint=True)`` resumes from the last complete checkpoint instead of
+            failing on (or silently half-loading) the broken one. Nothing is deleted.
+
+    Supported distribution: single process and DDP (``torchrun`` / ``accelerate launch --multi_gpu``,
+    including gloo on CPU): rank 0 plans, every rank applies the same cut, DDP is rebuilt in place.
+    FSDP and DeepSpeed shard or flatten parameters and cannot be resized by a callback: they are
+    refused (``ValueError`` when the Trainer is built and at ``on_train_begin``).
 
     A layer whose system cannot be reduced at an attempt (NaN/Inf parameters, unstable dynamics,
     missing statistics: any ``ValueError`` from ``lti_system()`` or the planner) is skipped with a
@@ -204,6 +342,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         log_per_layer: bool = True,
         statistics_steps: int = 8,
         report_name: str = REPORT_NAME,
+        skip_incomplete_checkpoints: bool = True,
     ) -> None:
         if (
             isinstance(statistics_steps, bool)
@@ -263,6 +402,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.log_per_layer = bool(log_per_layer)
         self.statistics_steps = statistics_steps
         self.report_name = report_name
+        self.skip_incomplete_checkpoints = bool(skip_incomplete_checkpoints)
 
         # --- exported state (survives checkpoints; see state()) ---
         self.history: list[dict] = []  # report events
@@ -366,6 +506,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "seed": self.seed,
                 "log_per_layer": self.log_per_layer,
                 "report_name": self.report_name,
+                "skip_incomplete_checkpoints": self.skip_incomplete_checkpoints,
             },
             "attributes": jsonable(
                 {
@@ -388,9 +529,40 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ events
 
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = self._trainer if self._bound else find_trainer()
+        self._refuse_unsupported_wrapper(trainer, args)
+        if self.skip_incomplete_checkpoints and args.output_dir:
+            if args.should_save:
+                for old, new in quarantine_incomplete_checkpoints(args.output_dir):
+                    warnings.warn(
+                        f"{old} is an incomplete checkpoint (the process writing it was killed): renamed to {new} "
+                        "so that resume_from_checkpoint=True uses the last complete one "
+                        f"({last_complete_checkpoint(args.output_dir)})",
+                        stacklevel=2,
+                    )
+            if is_distributed():  # every rank must see the same checkpoint list before train()
+                torch.distributed.barrier()
+        return control
+
+    def _refuse_unsupported_wrapper(self, trainer, args) -> None:
+        kind = _unsupported_wrapper(trainer, args)
+        if kind is None:
+            return
+        raise ValueError(
+            f"CompreSSMCallback cannot run under {kind}: {kind} shards/flattens the parameters and owns the "
+            "optimizer state, so the layers cannot change their state size in the middle of training. Instead: "
+            "(1) run the compression phase (the schedule window, by default the first 10% of the steps) with "
+            "DDP (torchrun --nproc_per_node N, or accelerate launch --multi_gpu) or a single process, saving a "
+            "checkpoint after the last cut; (2) continue with "
+            f"{kind}: Model.from_pretrained(checkpoint) builds the compressed shapes "
+            "(config.state_sizes), then train it without CompreSSMCallback."
+        )
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._bound:
             self._trainer = find_trainer()
+        self._refuse_unsupported_wrapper(self._trainer, args)
         if model is None:
             raise ValueError("CompreSSMCallback needs the model (the Trainer passes it to every event)")
         layers = find_reducible_layers(model)
@@ -544,9 +716,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             for layer in layers:
                 t0 = time.perf_counter()
                 try:
-                    plan = plan_reduction(
-                        layer.lti_system(), self.policy, self._event_generator(step, layer.layer_idx)
-                    )
+                    system = layer.lti_system()
+                    _check_pole_margin(system)
+                    plan = plan_reduction(system, self.policy, self._event_generator(step, layer.layer_idx))
                 except ValueError as exc:  # NaN/Inf, unstable dynamics, missing statistics ...
                     plan = None
                     skipped[int(layer.layer_idx)] = f"{type(exc).__name__}: {exc}"

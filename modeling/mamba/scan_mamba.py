@@ -149,7 +149,7 @@ class _ChunkedScan(torch.autograd.Function):
             torch.matmul(dtu[:, :, None, :], dH, out=dB[t0:t1, :, None, :])
             S = torch.matmul(dH, B_c[..., None])[..., 0]  # sum_n dH * B
             G = dH.mul_(Hall[:-1]).mul_(dA)  # d loss / d (dt * A), reuses dH's memory
-            ddt[t0:t1] = torch.matmul(G, A[..., None])[..., 0] + S * u_c
+            ddt[t0:t1] = torch.matmul(G[..., None, :], A[..., None])[..., 0, 0] + S * u_c
             dA_param += G.mul_(dt_c[..., None]).sum((0, 1))
             du[t0:t1] = S * dt_c
         return du.permute(1, 2, 0), ddt.permute(1, 2, 0), dA_param, dB.permute(1, 2, 0), dC.permute(1, 2, 0)

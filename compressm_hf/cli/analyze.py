@@ -1,0 +1,537 @@
+"""``compressm-analyze``: Hankel spectra of a saved SSM model, and one post-hoc CompreSSM cut.
+
+Subcommands::
+
+    compressm-analyze spectrum MODEL_DIR [--taus 0.01 0.05 0.1] [--plot spectra.png] [--json spectra.json]
+    compressm-analyze compress MODEL_DIR --tau 0.05 --output_dir OUT [--gate 0.95 --min_state_size 1 ...]
+
+``MODEL_DIR`` is any saved model folder: an LRU or CompreSSM Mamba folder (``compressm-train`` output,
+``save_pretrained``), or a stock transformers ``mamba`` checkpoint folder (it loads into
+``CompreSSMMambaForCausalLM`` unchanged). LRU layers are exact LTI systems: their Hankel singular values
+are exact. Mamba layers are selective; their spectrum is that of the averaged LTI surrogate built from
+statistics of a few calibration batches (``--dataset``, default Shakespeare; tokenized with the folder's
+tokenizer when it has one, else read as bytes).
+
+``compress`` applies one cut after training (the baseline that in-training compression is compared
+against) and saves a loadable folder (weights, config with the new ``state_sizes``, model code +
+``auto_map``) with ``compression_report.json``, plots and a model card; it prints the validation
+perplexity before and after the cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compressm_hf.cli import (
+    calibration_blocks,
+    collect_statistics,
+    format_table,
+    load_causal_lm,
+    needs_statistics,
+    perplexity,
+)
+
+__all__ = ["build_parser", "layer_spectra", "main", "rank_for_tau"]
+
+DEFAULT_TAUS = (0.01, 0.05, 0.1)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _tau(value: str) -> float:
+    try:
+        tau = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number in [0, 1), got {value!r}") from None
+    if not (math.isfinite(tau) and 0.0 <= tau < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"tau must be in [0, 1) (the discarded fraction of the Hankel singular value sum), got {value}"
+        )
+    return tau
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return x
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data (Mamba statistics, perplexity)")
+    g.add_argument(
+        "--dataset",
+        default="shakespeare",
+        help="'shakespeare', a text/JSON file or folder, or a datasets name",
+    )
+    g.add_argument("--text_column", default="text", help="text column of JSON files / datasets")
+    g.add_argument("--block_size", type=_positive_int, default=128, help="tokens per calibration block")
+    g.add_argument(
+        "--calibration_batches", type=_positive_int, default=8, help="batches run to collect Mamba statistics"
+    )
+    g.add_argument("--batch_size", type=_positive_int, default=8, help="blocks per batch")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compressm-analyze",
+        description="Hankel spectra of a saved SSM model, and one post-hoc CompreSSM cut.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{spectrum,compress}")
+
+    sp = sub.add_parser(
+        "spectrum",
+        help="per-layer Hankel spectra, the rank each tau would give, error bounds, a plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
+    sp.add_argument("--taus", type=_tau, nargs="+", default=list(DEFAULT_TAUS), help="tolerances to tabulate")
+    sp.add_argument("--plot", default=None, help="write the spectra to this PNG")
+    sp.add_argument("--json", default=None, help="write the spectra and ranks to this JSON file")
+    _add_policy(sp, with_tau=False)
+    _add_calibration(sp)
+
+    cp = sub.add_parser(
+        "compress",
+        help="apply one CompreSSM cut to a trained model and save it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
+    cp.add_argument("--output_dir", required=True, help="where to save the compressed model")
+    _add_policy(cp, with_tau=True)
+    cp.add_argument(
+        "--eval_blocks",
+        type=_non_negative_int,
+        default=32,
+        help="validation blocks for perplexity before/after the cut (0: skip)",
+    )
+    cp.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    _add_calibration(cp)
+    return parser
+
+
+def _add_policy(p: argparse.ArgumentParser, *, with_tau: bool) -> None:
+    g = p.add_argument_group("rank policy (as CompreSSMCallback)")
+    if with_tau:
+        g.add_argument(
+            "--tau", type=_tau, default=None, help="discarded fraction of sum(HSV) per layer (mode tolerance)"
+        )
+        g.add_argument("--mode", choices=["tolerance", "fixed"], default="tolerance", help="rank rule")
+        g.add_argument("--fixed_fraction", type=float, default=0.1, help="mode fixed: fraction of states cut")
+        g.add_argument("--selection", choices=["largest", "smallest", "random"], default="largest")
+        g.add_argument("--seed", type=int, default=0, help="seed of --selection random")
+    g.add_argument(
+        "--gate", type=_fraction, default=0.95, help="cut a layer only if the new size is < gate * n"
+    )
+    g.add_argument("--min_state_size", type=_positive_int, default=1, help="never go below this size")
+    g.add_argument(
+        "--round_to", type=_positive_int, default=1, help="round new sizes up to a multiple of this"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- spectra
+
+
+def layer_spectra(model) -> list[dict]:
+    """Per reducible layer: ``{"layer", "n", "rule", "scores" (sorted desc, float64), "surrogate"}``.
+
+    ``"balanced"`` layers (LRU): Hankel singular values of the exact LTI system. ``"modal"`` layers
+    (Mamba): per-state importance ``sqrt(P_ii Q_ii)`` of the surrogate, summed over channels (the scores
+    the planner ranks states by). Statistics must have been collected for Mamba layers.
+    """
+    from compressm_hf import find_reducible_layers, hankel_singular_values, modal_importance
+
+    out = []
+    for layer in find_reducible_layers(model):
+        system = layer.lti_system()
+        n = int(layer.state_size)
+        if system.reduction == "modal":
+            scores = modal_importance(system.A, system.B, system.C).reshape(-1, n).sum(0)
+            scores = torch.sort(scores, descending=True).values
+        else:
+            scores = hankel_singular_values(system.A, system.B, system.C, diagonal=bool(system.diagonal))
+        out.append(
+            {
+                "layer": int(layer.layer_idx),
+                "n": n,
+                "rule": system.reduction,
+                "scores": scores.detach().double().cpu(),
+                "surrogate": getattr(system, "surrogate", None),
+            }
+        )
+    return out
+
+
+def rank_for_tau(
+    scores: torch.Tensor, tau: float, *, gate: float, min_state_size: int, round_to: int
+) -> dict:
+    """What the tolerance rule does with ``tau`` on sorted ``scores``: rule rank, final rank, energy, bound."""
+    from compressm_hf import RankPolicy, apply_gate, round_rank, select_rank
+
+    policy = RankPolicy(tau=tau, gate=gate, min_rank=min_state_size, multiple_of=round_to)
+    n = scores.shape[-1]
+    raw = int(select_rank(scores, tau))
+    rank = round_rank(min(n, max(raw, policy.min_rank)), policy.multiple_of, n)
+    cut = bool(apply_gate(rank, n, policy.gate))
+    final = rank if cut else n
+    total = float(scores.sum())
+    kept = float(scores[:final].sum())
+    return {
+        "tau": tau,
+        "rule_rank": raw,
+        "rank": final,
+        "cut": cut,
+        "energy_kept": kept / total if total > 0 else 1.0,
+        "error_bound": 2.0 * (total - kept),
+    }
+
+
+def plot_spectra(spectra: list[dict], taus: list[float], path: str | Path, title: str) -> str:
+    """One log-scale panel per layer with the rank of each tau marked; written with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ncols = max(1, min(4, len(spectra)))
+    nrows = max(1, math.ceil(len(spectra) / ncols))
+    fig = Figure(figsize=(4.4 * ncols, 3.4 * nrows + 0.7), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(spectra) :]:
+        ax.axis("off")
+    colors = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for ax, spec in zip(axes.flat, spectra):
+        values = spec["scores"].tolist()
+        positive = [v for v in values if v > 0 and math.isfinite(v)]
+        floor = min(positive) * 1e-3 if positive else 1e-12
+        values = [v if v > 0 and math.isfinite(v) else floor for v in values]
+        xs = list(range(1, len(values) + 1))
+        ax.plot(xs, values, color="#1f77b4", marker="o", markersize=2.5, linewidth=1.0)
+        ax.set_yscale("log")
+        for i, entry in enumerate(spec["ranks"]):
+            color = colors[i % len(colors)]
+            label = f"\u03c4={entry['tau']:g}: keep {entry['rank']}" + ("" if entry["cut"] else " (gate)")
+            ax.axvline(entry["rank"] + 0.5, color=color, linestyle="--", linewidth=1.1, label=label)
+        ax.set_xlim(0.5, len(values) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        what = "Hankel singular value" if spec["rule"] == "balanced" else "state importance (surrogate)"
+        ax.set_title(f"layer {spec['layer']} (n = {spec['n']})", fontsize=10)
+        ax.set_xlabel("state (sorted)", fontsize=9)
+        ax.set_ylabel(what, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left", frameon=True, framealpha=0.8)
+    fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    if path.parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, format="png")
+    return str(path)
+
+
+def _prepare(args, model, model_dir, *, eval_blocks: int = 0):
+    """Collect Mamba statistics if needed; returns ``(description, eval_blocks_tensor_or_None)``."""
+    stats = needs_statistics(model)
+    if not stats and eval_blocks == 0:
+        return "exact LTI systems (no calibration data needed)", None
+    train, evals = calibration_blocks(
+        args.dataset,
+        block_size=args.block_size,
+        num_train_blocks=args.calibration_batches * args.batch_size if stats else 1,
+        num_eval_blocks=eval_blocks,
+        text_column=args.text_column,
+        model_dir=model_dir,
+        vocab_size=getattr(model.config, "vocab_size", None),
+    )
+    if not stats:
+        return "exact LTI systems (no calibration data needed)", evals
+    tokens = collect_statistics(model, train, args.batch_size)
+    return (
+        f"averaged LTI surrogate from {tokens:,} calibration tokens of {args.dataset!r} "
+        f"({len(train)} blocks of {args.block_size})",
+        evals,
+    )
+
+
+def _load(model_dir: str, device: str):
+    model, kind = load_causal_lm(model_dir)
+    model.to(device)
+    model.eval()
+    return model, kind
+
+
+def cmd_spectrum(args) -> int:
+    model, kind = _load(args.model_dir, args.device)
+    t0 = time.perf_counter()
+    source, _ = _prepare(args, model, args.model_dir)
+    spectra = layer_spectra(model)
+    for spec in spectra:
+        spec["ranks"] = [
+            rank_for_tau(
+                spec["scores"],
+                tau,
+                gate=args.gate,
+                min_state_size=args.min_state_size,
+                round_to=args.round_to,
+            )
+            for tau in args.taus
+        ]
+    sizes = [s["n"] for s in spectra]
+    print(f"{args.model_dir}: {kind}, {len(spectra)} layers, state sizes {sizes}")
+    print(f"spectra: {source}")
+    rows = []
+    for spec in spectra:
+        s = spec["scores"]
+        for entry in spec["ranks"]:
+            rows.append(
+                [
+                    str(spec["layer"]),
+                    str(spec["n"]),
+                    f"{entry['tau']:g}",
+                    str(entry["rule_rank"]),
+                    f"{entry['rank']}" + ("" if entry["cut"] else " (gate)"),
+                    f"{entry['energy_kept']:.2%}",
+                    f"{entry['error_bound']:.3g}",
+                    f"{float(s[0]):.3g} .. {float(s[-1]):.3g}",
+                ]
+            )
+    print(
+        format_table(
+            ["layer", "n", "tau", "rule rank", "new size", "energy kept", "error bound", "sigma max .. min"],
+            rows,
+        )
+    )
+    totals = []
+    for i, tau in enumerate(args.taus):
+        after = sum(spec["ranks"][i]["rank"] for spec in spectra)
+        totals.append(f"tau={tau:g}: {sum(sizes)} -> {after}")
+    print("total state size: " + "; ".join(totals))
+    print(
+        "error bound = 2 * sum of the discarded values"
+        + (
+            " (rigorous H-inf bound for the exact LTI layers)"
+            if kind == "lru"
+            else " (heuristic for the surrogate)"
+        )
+        + f"; gate {args.gate}, min_state_size {args.min_state_size}, round_to {args.round_to}"
+    )
+    if args.plot:
+        title = f"{Path(args.model_dir).name}: " + (
+            "Hankel singular values" if kind == "lru" else "Mamba state importance (averaged LTI surrogate)"
+        )
+        print(f"plot: {plot_spectra(spectra, args.taus, args.plot, title)}")
+    if args.json:
+        payload = {
+            "model_dir": str(args.model_dir),
+            "kind": kind,
+            "source": source,
+            "layers": [{**spec, "scores": spec["scores"].tolist()} for spec in spectra],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", "utf-8")
+        print(f"json: {args.json}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
+    from compressm_hf.trainer.model_card import write_model_card
+    from compressm_hf.trainer.report import build_report, config_record, jsonable
+
+    out = Path(args.output_dir)
+    if out.resolve() == Path(args.model_dir).resolve():
+        raise SystemExit(
+            "compressm-analyze compress: --output_dir must differ from MODEL_DIR (the source is not modified)"
+        )
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(
+            f"compressm-analyze compress: {str(out)!r} is not empty; pass --overwrite to write into it"
+        )
+    model, kind = _load(args.model_dir, args.device)
+    source, evals = _prepare(args, model, args.model_dir, eval_blocks=args.eval_blocks)
+    ppl_before = perplexity(model, evals, args.batch_size) if evals is not None else None
+
+    policy = RankPolicy(
+        tau=args.tau if args.mode == "tolerance" else 0.0,
+        mode=args.mode,
+        gate=args.gate,
+        min_rank=args.min_state_size,
+        multiple_of=args.round_to,
+        selection=args.selection,
+        fixed_fraction=args.fixed_fraction,
+    )
+    layers = find_reducible_layers(model)
+    sizes_before = [int(layer.state_size) for layer in layers]
+    previous = getattr(model.config, "compression", None)
+    t_event = time.perf_counter()
+    records = []
+    with torch.no_grad():
+        for layer in layers:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + int(layer.layer_idx))
+            plan = plan_reduction(layer.lti_system(), policy, g)
+            n = int(layer.state_size)
+            record = {"layer_idx": int(layer.layer_idx), "n_before": n, "n_after": n, "reduced": False}
+            if plan is None:
+                record["reason"] = "gate"
+            else:
+                layer.reduce_(plan)
+                record.update(
+                    n_after=int(layer.state_size),
+                    reduced=True,
+                    rule=plan.rule,
+                    selection=plan.selection,
+                    hsv=plan.hsv,
+                    energy_kept=float(plan.energy_kept),
+                    error_bound=float(plan.error_bound),
+                    extra=plan.extra,
+                )
+            record["wall_time_s"] = time.perf_counter() - t0
+            records.append(record)
+    sizes_after = [int(layer.state_size) for layer in layers]
+    if getattr(model.config, "state_sizes", None) is not None:
+        model.config.state_sizes = list(sizes_after)
+    step = 0
+    event = {
+        "kind": "reduction",
+        "step": step,
+        "epoch": None,
+        "post_hoc": True,
+        "sizes_before": sizes_before,
+        "sizes_after": sizes_after,
+        "layers_reduced": sum(r["reduced"] for r in records),
+        "wall_time_s": time.perf_counter() - t_event,
+        "layers": records,
+    }
+    events = [jsonable(event)]
+    model.config.compression = config_record(
+        tau=args.tau, mode=args.mode, original_sizes=sizes_before, events=events
+    )
+    ppl_after = perplexity(model, evals, args.batch_size) if evals is not None else None
+
+    report = build_report(
+        config={
+            "tau": args.tau,
+            "mode": args.mode,
+            "post_hoc": True,
+            "source": str(args.model_dir),
+            "statistics": source,
+            "gate": args.gate,
+            "min_state_size": args.min_state_size,
+            "round_to": args.round_to,
+            "selection": args.selection,
+            "fixed_fraction": args.fixed_fraction,
+            "seed": args.seed,
+            "previous_compression": previous,
+        },
+        schedule_steps=[step],
+        original_sizes=sizes_before,
+        final_sizes=sizes_after,
+        events=events,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        src = Path(args.model_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out / name)
+    metrics = {}
+    if ppl_before is not None:
+        metrics = {"perplexity before the cut": ppl_before, "perplexity after the cut": ppl_after}
+    total_b, total_a = sum(sizes_before), sum(sizes_after)
+    write_model_card(
+        out,
+        report=report,
+        metrics=metrics or None,
+        model_name=out.name,
+        model_summary=(
+            f"A {'Mamba' if kind == 'mamba' else 'LRU'} model compressed after training with CompreSSM "
+            f"(`compressm-analyze compress`, one cut): total state size {total_b} -> {total_a}."
+        ),
+        training_summary=f"Compressed post hoc from `{args.model_dir}`; statistics: {source}.",
+    )
+
+    rows = []
+    for r in records:
+        rows.append(
+            [
+                str(r["layer_idx"]),
+                str(r["n_before"]),
+                str(r["n_after"]),
+                f"{r['energy_kept']:.2%}" if r["reduced"] else "-",
+                f"{r['error_bound']:.3g}" if r["reduced"] else "-",
+                "" if r["reduced"] else r.get("reason", ""),
+            ]
+        )
+    rows.append(["total", str(total_b), str(total_a), "", "", ""])
+    tau_txt = f"tau={args.tau:g}" if args.mode == "tolerance" else f"fixed fraction {args.fixed_fraction:g}"
+    print(f"{args.model_dir} ({kind}): one post-hoc cut, {tau_txt}; statistics: {source}")
+    print(format_table(["layer", "before", "after", "energy kept", "error bound", "note"], rows))
+    if ppl_before is not None:
+        print(
+            f"validation perplexity ({len(evals)} blocks of {args.block_size}): {ppl_before:.3f} -> {ppl_after:.3f}"
+        )
+    print(f"saved to {out}/ (config.json, model.safetensors, compression_report.json, plots, README.md)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``compressm-analyze``."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "compress" and args.mode == "tolerance" and args.tau is None:
+        parser.error("compress --mode tolerance needs --tau (e.g. --tau 0.05)")
+    if args.command == "compress" and not 0.0 < args.fixed_fraction < 1.0:
+        parser.error(f"--fixed_fraction must be in (0, 1), got {args.fixed_fraction}")
+    try:
+        model_ok = Path(args.model_dir).is_dir()
+        if not model_ok:
+            parser.error(f"MODEL_DIR {args.model_dir!r} is not a folder")
+        return cmd_spectrum(args) if args.command == "spectrum" else cmd_compress(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"compressm-analyze {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

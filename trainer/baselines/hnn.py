@@ -1,0 +1,115 @@
+"""Baseline 3: Hankel-nuclear-norm regularization, then balanced truncation after training.
+
+Forgione, Mejari & Piga (CDC 2024) and CompreSSM's Table 6 "HNN": every training step adds
+``lambda * sum_layers sum_i sigma_i`` (the Hankel nuclear norm of each SSM layer) to the loss, which pushes the
+Hankel singular values towards a fast-decaying spectrum; after training one balanced truncation per layer at
+the chosen ``tau`` (:func:`balanced_truncate_`, the same ``plan_reduction`` + ``reduce_`` as CompreSSM).
+
+The regularizer must be differentiable through the Gramians. ``LRUMixer.lti_system()`` is built under
+``torch.no_grad`` and detached, so the system is rebuilt here from the LRU parameters themselves
+(:func:`~compressm_hf.trainer.baselines._common.differentiable_lru_system`) and fed to
+:func:`compressm_hf.hankel_singular_values` (closed-form diagonal Gramians, Cholesky, SVD: all differentiable;
+gradients reach ``nu_log``, ``theta_log``, ``gamma_log``, ``B_re/B_im``, ``C_re/C_im``). The cost is an
+``n x n`` Cholesky and SVD per layer per step -- the reason the paper reports HNN ~40x slower than CompreSSM.
+Only LRU layers are supported (a selective layer has no fixed system to regularize).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from compressm_hf import RankPolicy, hankel_singular_values, plan_reduction
+from compressm_hf.protocol import find_reducible_layers
+
+from ._common import differentiable_lru_system, is_lru_mixer, reduce_layers_, sync_state_sizes
+
+
+def hankel_nuclear_norm(model: torch.nn.Module) -> torch.Tensor:
+    """``sum over LRU layers of sum(sigma)`` as a differentiable float64 scalar."""
+    layers = [m for m in find_reducible_layers(model) if is_lru_mixer(m)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no LRU mixer: the Hankel-nuclear-norm regularizer needs LTI layers "
+            "with nu_log/theta_log/gamma_log/B_re/B_im/C_re/C_im"
+        )
+    total = None
+    for layer in layers:
+        lam, B, C = differentiable_lru_system(layer)
+        s = hankel_singular_values(lam, B, C, diagonal=True).sum()
+        total = s if total is None else total + s
+    return total
+
+
+class HNNTrainer(Trainer):
+    """A :class:`transformers.Trainer` that adds ``hnn_lambda * hankel_nuclear_norm(model)`` to the training loss
+    at every step (evaluation losses are the plain task loss).
+
+    Args:
+        hnn_lambda: regularization weight (``>= 0``).
+        truncate_tau: if given, :func:`balanced_truncate_` the model at this ``tau`` when training ends
+            (``train()`` returns after the cut). Else call :func:`balanced_truncate_` yourself.
+        truncate_gate: gate of that final cut (default 1.0: cut whenever the rank is smaller than ``n``).
+
+    ``self.last_hnn`` holds the last regularizer value (float) for logging.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args,
+        hnn_lambda: float = 1e-3,
+        truncate_tau: float | None = None,
+        truncate_gate: float = 1.0,
+        **kwargs,
+    ):
+        if not float(hnn_lambda) >= 0:
+            raise ValueError(f"hnn_lambda must be >= 0, got {hnn_lambda!r}")
+        super().__init__(*args, **kwargs)
+        self.hnn_lambda = float(hnn_lambda)
+        self.truncate_tau = truncate_tau
+        self.truncate_gate = float(truncate_gate)
+        self.last_hnn: float | None = None
+        self.truncation: dict | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if self.hnn_lambda > 0:
+            reg = hankel_nuclear_norm(self.accelerator.unwrap_model(model))
+            self.last_hnn = float(reg.detach())
+            loss = loss + (self.hnn_lambda * reg).to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        if self.truncate_tau is not None:
+            self.truncation = balanced_truncate_(self.model, self.truncate_tau, gate=self.truncate_gate)
+        return out
+
+
+@torch.no_grad()
+def balanced_truncate_(
+    model: torch.nn.Module,
+    tau: float,
+    *,
+    gate: float = 1.0,
+    min_state_size: int = 1,
+    optimizer=None,
+) -> dict:
+    """One balanced truncation per reducible layer at ``tau`` (``plan_reduction`` + ``reduce_``), e.g. after HNN
+    training. Returns ``{"sizes_before", "sizes_after", "energy_kept"}``; ``config.state_sizes`` is updated."""
+    policy = RankPolicy(tau=float(tau), gate=float(gate), min_rank=int(min_state_size))
+    layers = find_reducible_layers(model)
+    before = [int(layer.state_size) for layer in layers]
+    plans, energy = {}, {}
+    for layer in layers:
+        plan = plan_reduction(layer.lti_system(), policy)
+        if plan is not None:
+            plans[int(layer.layer_idx)] = plan
+            energy[int(layer.layer_idx)] = float(plan.energy_kept)
+    reduce_layers_(model, plans, optimizer=optimizer)
+    return {"sizes_before": before, "sizes_after": sync_state_sizes(model), "energy_kept": energy}
