@@ -59,6 +59,8 @@ import torch
 
 def load_task(task: str, max_train: int | None, max_test: int | None):
     """A ``datasets.DatasetDict`` with ``train``/``test``; ``inputs_embeds`` (L, 1), ``labels``."""
+    from datasets import Array2D
+
     from compressm_hf.data import fashion_mnist_splits, mnist1d_splits
 
     if task.startswith("fmnist"):  # fmnist4 -> pool 4 (49 steps), fmnist2 -> pool 2 (196 steps)
@@ -72,6 +74,11 @@ def load_task(task: str, max_train: int | None, max_test: int | None):
             ds["test"] = ds["test"].select(range(min(max_test, len(ds["test"]))))
     else:
         raise ValueError(f"unknown task {task!r} (fmnist1, fmnist2, fmnist4, fmnist7, mnist1d)")
+    # A fixed-shape Array2D feature: the torch formatter then converts whole numpy blocks. Left as the
+    # nested-list feature that ``compressm_hf.data`` writes, every pixel becomes its own torch.tensor
+    # call and data loading takes ~75% of each training step at these model sizes.
+    seq_len = len(ds["train"][0]["inputs_embeds"])
+    ds = ds.cast_column("inputs_embeds", Array2D(shape=(seq_len, 1), dtype="float32"))
     ds.set_format("torch")
     return ds
 
@@ -114,6 +121,7 @@ def train_run(
     callback_kwargs: dict | None = None,
     max_steps: int | None = None,
     label: str = "",
+    keep_models: dict | None = None,
 ) -> dict:
     """Train one model with the Trainer and return its test metrics, sizes and timings.
 
@@ -210,7 +218,31 @@ def train_run(
         f"train {train_s:6.1f}s  eval {eval_s:4.1f}s",
         flush=True,
     )
+    if keep_models is not None and label not in keep_models:
+        keep_models[label] = model
     return result
+
+
+def interleaved_step_time(models: dict, data, batch_size: int, repeats: int = 12) -> dict:
+    """Median seconds of one training step (forward + backward + AdamW step) per trained model.
+
+    The models take turns (round robin, same batch), so load from other processes on a shared
+    machine hits them alike; the Trainer wall-clock of separate runs does not have that property.
+    """
+    batch = data["train"][:batch_size]
+    x, y = batch["inputs_embeds"], batch["labels"]
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=0.0) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for rep in range(repeats + 2):
+        for k, m in models.items():
+            m.train()
+            t0 = time.perf_counter()
+            m(inputs_embeds=x, labels=y).loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if rep >= 2:  # two warm-up rounds
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # -------------------------------------------------------------------------------------------- tables
@@ -270,7 +302,9 @@ def markdown_table(rows: list[dict], title: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="fmnist4", help="fmnist4 (49 steps), fmnist2 (196), fmnist7 (16), mnist1d")
+    p.add_argument(
+        "--task", default="fmnist4", help="fmnist4 (49 steps), fmnist2 (196), fmnist7 (16), mnist1d"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--tau", type=float, default=0.3, help="discarded fraction of sum(HSV) per attempt")
@@ -326,6 +360,17 @@ def print_tables(runs: list[dict], args, cmd: str, total_s: float, ablation: boo
     return main_rows, abl_rows
 
 
+def print_step_times(step_s: dict, seed: int) -> None:
+    ref = step_s.get("full")
+    print()
+    print(f"**Controlled per-step training time (trained models of seed {seed}, interleaved, median)**")
+    print()
+    print("| model | s/step | vs full |")
+    print("|---|---|---|")
+    for k, v in step_s.items():
+        print(f"| {k} | {v:.4f} | {v / ref:.2f}x |" if ref else f"| {k} | {v:.4f} | - |")
+
+
 def merge(paths: list[str], out: str | None) -> dict:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     runs = [r for part in parts for r in part["runs"]]
@@ -336,8 +381,17 @@ def merge(paths: list[str], out: str | None) -> dict:
     ablation = any(r["label"].startswith("compressm-") for r in runs)
     print("merged from:\n" + "\n".join(f"  {c}" for c in cmds))
     main_rows, abl_rows = print_tables(runs, args, " + ".join(cmds), total_s, ablation)
-    result = {"commands": cmds, "args": vars(args), "total_s": total_s, "runs": runs,
-              "summary": main_rows, "ablation": abl_rows if ablation else None}
+    for part in parts:
+        if part.get("step_time_s"):
+            print_step_times(part["step_time_s"], part["args"]["seeds"][0])
+    result = {
+        "commands": cmds,
+        "args": vars(args),
+        "total_s": total_s,
+        "runs": runs,
+        "summary": main_rows,
+        "ablation": abl_rows if ablation else None,
+    }
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {out}")
@@ -371,23 +425,43 @@ def main(argv: list[str] | None = None) -> dict:
     ckw = {"tau": args.tau}
     runs: list[dict] = []
     t_all = time.perf_counter()
+    models: dict = {}
     for seed in args.seeds:
-        runs.append(train_run(args, data, seed=seed, label="full"))
-        comp = train_run(args, data, seed=seed, callback_kwargs={**ckw, "selection": "largest"}, label="compressm")
+        keep = models if seed == args.seeds[0] else None
+        runs.append(train_run(args, data, seed=seed, label="full", keep_models=keep))
+        comp = train_run(
+            args,
+            data,
+            seed=seed,
+            callback_kwargs={**ckw, "selection": "largest"},
+            label="compressm",
+            keep_models=keep,
+        )
         runs.append(comp)
-        runs.append(train_run(args, data, seed=seed, state_sizes=comp["state_sizes"], label="scratch"))
+        runs.append(
+            train_run(
+                args, data, seed=seed, state_sizes=comp["state_sizes"], label="scratch", keep_models=keep
+            )
+        )
         if not args.no_ablation:
             for sel in ("smallest", "random"):
                 runs.append(
                     train_run(
-                        args, data, seed=seed, callback_kwargs={**ckw, "selection": sel}, label=f"compressm-{sel}"
+                        args,
+                        data,
+                        seed=seed,
+                        callback_kwargs={**ckw, "selection": sel},
+                        label=f"compressm-{sel}",
                     )
                 )
     total_s = time.perf_counter() - t_all
 
     cmd = "python benchmarks/bench_lru_compression.py " + " ".join(sys.argv[1:] if argv is None else argv)
     main_rows, abl_rows = print_tables(runs, args, cmd, total_s, not args.no_ablation)
+    step_s = interleaved_step_time(models, data, args.batch_size)
+    print_step_times(step_s, args.seeds[0])
     result = {
+        "step_time_s": step_s,
         "command": cmd,
         "args": vars(args),
         "seq_len": seq_len,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from bench_lru_compression import build_parser, load_task, train_run  # noqa: E402
+import torch
+from bench_lru_compression import build_parser, load_task, train_run
 
 
 def main() -> None:
@@ -39,19 +39,29 @@ def main() -> None:
         for seed in args.seeds:
             args.state_size = n
             r = train_run(args, data, seed=seed, label=f"n={n}")
-            r.update(task=args.task, n=n, hidden_size=args.hidden_size, layers=args.layers,
-                     r_min=args.r_min, r_max=args.r_max, max_phase=args.max_phase, lr=args.lr)
+            r.update(
+                task=args.task,
+                n=n,
+                hidden_size=args.hidden_size,
+                layers=args.layers,
+                r_min=args.r_min,
+                r_max=args.r_max,
+                max_phase=args.max_phase,
+                lr=args.lr,
+            )
             rows.append(r)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(r) + "\n")
-    print(f"\n| task | H x layers | n | seeds | test acc % | train s/run |\n|---|---|---|---|---|---|")
+    print("\n| task | H x layers | n | seeds | test acc % | train s/run |\n|---|---|---|---|---|---|")
     for n in args.sizes:
         rs = [r for r in rows if r["n"] == n]
         accs = [100 * r["accuracy"] for r in rs]
         m = sum(accs) / len(accs)
-        print(f"| {args.task} | {args.hidden_size}x{args.layers} | {n} | {len(rs)} | {m:.2f} ({', '.join(f'{a:.1f}' for a in accs)}) "
-              f"| {sum(r['train_s'] for r in rs) / len(rs):.0f} |")
+        print(
+            f"| {args.task} | {args.hidden_size}x{args.layers} | {n} | {len(rs)} | {m:.2f} ({', '.join(f'{a:.1f}' for a in accs)}) "
+            f"| {sum(r['train_s'] for r in rs) / len(rs):.0f} |"
+        )
 
 
 if __name__ == "__main__":

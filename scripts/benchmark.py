@@ -422,7 +422,8 @@ def plot(args, summary: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     tmax = max(s["total_s_mean"] for s in summary)
-    for s in summary:
+    offsets = [(6, 6), (6, -16), (-70, 8), (-70, -16)]  # staggered labels: runs often share a size
+    for i, s in enumerate(summary):
         size = 60 + 900 * s["total_s_mean"] / tmax
         ax.errorbar(
             s["mean_state_size"],
@@ -437,7 +438,7 @@ def plot(args, summary: list[dict], path: Path) -> None:
             f"{s['method']}\n{s['total_s_mean']:.0f}s",
             (s["mean_state_size"], s["quality_mean"]),
             textcoords="offset points",
-            xytext=(6, 6),
+            xytext=offsets[i % len(offsets)],
             fontsize=8,
         )
     ax.set_xlabel("final mean state size per layer")

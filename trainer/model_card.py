@@ -273,6 +273,7 @@ def build_model_card(
         model_name=model_name,
         model_summary=model_summary,
         architecture_name=architecture_name,
+        reduction_method=_reduction_method(report),
         compression=compression,
         plots=[{"file": f, "alt": alt} for f, alt in plots],
         metrics=_metric_rows(metrics),
@@ -284,6 +285,26 @@ def build_model_card(
         repo_id=repo_id,
         training_summary=training_summary,
         citation=CITATION,
+    )
+
+
+def _reduction_method(report) -> str:
+    """One sentence on how the layers were reduced, from the rules recorded in the report."""
+    rules = {
+        layer.get("rule")
+        for event in (report or {}).get("events", [])
+        for layer in event.get("layers", [])
+        if layer.get("rule")
+    }
+    if rules == {"modal"}:
+        return (
+            "each layer's input-dependent dynamics are averaged over training batches into an LTI surrogate, "
+            "every state is scored by its Hankel importance sqrt(P_ii Q_ii) summed over channels, and one "
+            "shared set of the most important states is kept (modal truncation; the stock kernels still apply)."
+        )
+    return (
+        "the layer's Hankel singular values (HSVs) are computed from its Gramians, the states holding "
+        "(1 - tau) of their sum are kept by balanced truncation, and the reduced system is re-diagonalized."
     )
 
 

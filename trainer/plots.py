@@ -218,7 +218,10 @@ def plot_hsv_spectra(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         energy_txt = f", energy kept {_format_fraction(float(energy))}" if energy is not None else ""
         ax.set_title(f"layer {layer}: {n_before} \u2192 {n_after}{energy_txt}", fontsize=10)
         ax.set_xlabel(f"state index (step {step})", fontsize=9)
-        ax.set_ylabel("Hankel singular value", fontsize=9)
+        ax.set_ylabel(
+            "Hankel importance (modal)" if entry.get("rule") == "modal" else "Hankel singular value",
+            fontsize=9,
+        )
         ax.tick_params(labelsize=8)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="lower left", frameon=False)

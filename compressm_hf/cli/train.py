@@ -405,6 +405,7 @@ def build_summary(
     wall_time: float,
     train_time: float,
     max_steps: int,
+    tokens_trained: int = 0,
 ) -> str:
     rows = [
         [f"layer {i}", str(b), str(a), f"{a / b:.0%}"]
@@ -438,6 +439,11 @@ def build_summary(
             lines.append(f"  speed-up after compression: x{rate_after[0] / rate_before[0]:.2f}")
     else:
         lines.append(f"training throughput: {_fmt_rate(*rate_after)}")
+    if tokens_trained and train_time > 0:
+        lines.append(
+            f"end-to-end: {tokens_trained / train_time:,.0f} tokens/s over the whole run (data loading, logging "
+            "and evaluation included; the rates above time forward + backward + optimizer step only)"
+        )
     lines.append(f"training time: {train_time:.1f} s; total wall time: {wall_time:.1f} s")
     return "\n".join(lines)
 
@@ -578,6 +584,7 @@ def _run(argv: list[str] | None) -> int:
         wall_time=time.perf_counter() - t_start,
         train_time=train_time,
         max_steps=trainer.state.max_steps,
+        tokens_trained=tokens_per_step * int(trainer.state.global_step),
     )
 
     card_metrics = {

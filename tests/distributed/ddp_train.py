@@ -106,7 +106,9 @@ def _copy(model, optimizer) -> dict:
 
 
 def _block(out: str, what: str) -> None:
-    Path(out, "CRASH_READY").write_text(what)
+    tmp = Path(out, "CRASH_READY.tmp")  # written then renamed: the parent never sees a half-written marker
+    tmp.write_text(what)
+    os.replace(tmp, Path(out, "CRASH_READY"))
     while True:  # the parent sends SIGKILL
         time.sleep(0.05)
 

@@ -1,0 +1,276 @@
+"""End-to-end CompreSSM on a byte-level Mamba LM trained on Shakespeare (issue 4).
+
+Everything goes through the real ``transformers.Trainer`` (AdamW, cosine schedule with warm-up):
+
+0. **scouting**: the uncompressed model at d_state in ``--scout`` (default 4, 16, 64), seed = first
+   seed. A compression benchmark only says something where validation perplexity improves with
+   the state size; the table says whether it does at this size and step budget.
+1. **comparison**, for every seed:
+
+   * ``compressed``: built at d_state ``--n0`` (default 64) with ``CompreSSMCallback(tau=--tau)``
+     (tolerance mode, default window (0, 0.1) of ``max_steps`` with 4 attempts, statistics collected
+     during the 8 optimizer steps before each attempt);
+   * ``uncompressed``: the same model without the callback (reused from the scouting run when
+     ``--n0`` is among ``--scout`` and the seed is the first);
+   * ``born small``: built from scratch at the compressed run's final per-layer sizes
+     (``CompreSSMMambaConfig(state_sizes=...)``), same seed and steps.
+
+Reported: final per-layer state sizes, validation perplexity ``exp(eval_loss)`` on the held-out tail
+of the text, and training time (``trainer.train`` wall time; the machine may be shared, so a 512^3
+matmul probe in GFLOP/s is taken before and after every run).
+
+    python benchmarks/bench_mamba_shakespeare.py                     # ~30 min on 2 busy cores
+    python benchmarks/bench_mamba_shakespeare.py --quick             # smoke run, ~2 min
+    python benchmarks/bench_mamba_shakespeare.py --seeds 0 1 --tau 0.05 --max-steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+def probe() -> float:
+    a = torch.randn(512, 512)
+    b = torch.randn(512, 512)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 512**3 / best / 1e9
+
+
+def Progress(label: str):
+    """A TrainerCallback that prints progress to stderr every 10 % of the steps."""
+    import sys
+
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            every = max(1, state.max_steps // 10)
+            if state.global_step % every == 0:
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {label}: step {state.global_step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    return _Progress()
+
+
+def build_model(args, state_sizes: list[int], seed: int):
+    from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = CompreSSMMambaConfig(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        state_sizes=list(state_sizes),
+        expand=2,
+        conv_kernel=4,
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
+    return CompreSSMMambaForCausalLM(cfg)
+
+
+def run(args, splits, state_sizes: list[int], seed: int, compress: bool) -> dict:
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from compressm_hf.trainer.callback import CompreSSMCallback
+
+    model = build_model(args, state_sizes, seed)
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=32,
+            learning_rate=args.lr,
+            weight_decay=0.01,
+            warmup_steps=max(1, int(0.05 * args.max_steps)),
+            lr_scheduler_type="cosine",
+            logging_steps=max(1, args.max_steps // 10),
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        callbacks = []
+        cb = None
+        if compress:
+            cb = CompreSSMCallback(
+                tau=args.tau, statistics_steps=args.statistics_steps, round_to=args.round_to
+            )
+            callbacks.append(cb)
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=splits["train"],
+            eval_dataset=splits["validation"],
+            callbacks=callbacks,
+        )
+        trainer.add_callback(Progress(f"d_state {fmt_sizes(state_sizes)} seed {seed} compress={compress}"))
+        trainer.remove_callback(PrinterCallback)  # no per-log dict prints (disable_tqdm installs it)
+        if cb is not None:
+            cb.bind(trainer)
+        p0 = probe()
+        t0 = time.perf_counter()
+        trainer.train()
+        train_time = time.perf_counter() - t0
+        p1 = probe()
+        metrics = trainer.evaluate()
+        history = list(cb.history) if cb is not None else []
+    sizes = [int(m.state_size) for m in model.mixers()]
+    return {
+        "sizes": sizes,
+        "initial": list(state_sizes),
+        "eval_loss": float(metrics["eval_loss"]),
+        "ppl": math.exp(float(metrics["eval_loss"])),
+        "train_time": train_time,
+        "probes": (p0, p1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "events": history,
+    }
+
+
+def fmt_sizes(sizes: list[int]) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default 200)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tau", type=float, default=0.05, help="CompreSSMCallback tolerance (default 0.05)")
+    p.add_argument("--n0", type=int, default=64, help="d_state the compressed and uncompressed runs start at")
+    p.add_argument("--scout", default="4,16,64", help="d_state values of the scouting runs ('none': skip)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--statistics-steps", type=int, default=8)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--max-train-blocks", type=int, default=None)
+    p.add_argument("--max-eval-blocks", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: 60 steps, scouting 4 and 64 only")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    args = p.parse_args(argv)
+    if args.max_steps is None:
+        args.max_steps = 60 if args.quick else 200
+    if args.quick and args.scout == "4,16,64":
+        args.scout = "4,64"
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    from compressm_hf.data import byte_lm_splits, load_text
+
+    text = load_text("shakespeare")
+    splits = byte_lm_splits(
+        text,
+        block_size=args.block_size,
+        validation_fraction=0.05,
+        max_train_blocks=args.max_train_blocks,
+        max_validation_blocks=args.max_eval_blocks,
+    )
+    scout = [] if args.scout == "none" else [int(x) for x in args.scout.split(",")]
+    L = args.layers
+    print("# CompreSSM on Shakespeare (byte-level Mamba LM, transformers Trainer)\n")
+    print(
+        f"torch {torch.__version__}, threads {args.threads}; model: {L} layers, hidden {args.hidden}, expand 2, "
+        f"vocab 256; block {args.block_size}, batch {args.batch_size}, {args.max_steps} steps "
+        f"({args.max_steps * args.batch_size * args.block_size / 1e6:.2f} M tokens, "
+        f"{len(splits['train'])} train blocks), AdamW lr {args.lr} cosine, "
+        f"validation: {len(splits['validation'])} blocks of the held-out last 5 % of the text.\n"
+    )
+    t_all = time.perf_counter()
+    results: dict = {"scout": {}, "runs": {}}
+
+    def line(name, r):
+        return (
+            f"| {name} | {fmt_sizes(r['initial'])} | {fmt_sizes(r['sizes'])} | {r['params']:,} | "
+            f"{r['ppl']:.3f} | {r['eval_loss']:.4f} | {r['train_time']:.0f} | "
+            f"{r['probes'][0]:.0f} / {r['probes'][1]:.0f} |"
+        )
+
+    header = (
+        "| run | initial d_state | final d_state | params | val ppl | val loss | train s | probe GF/s before/after |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    if scout:
+        s0 = args.seeds[0]
+        print(f"## 0. Scouting: does validation perplexity improve with d_state? (seed {s0})\n")
+        print(header, flush=True)
+        for n in scout:
+            r = run(args, splits, [n] * L, s0, compress=False)
+            results["scout"][n] = r
+            print(line(f"uncompressed d_state {n}", r), flush=True)
+        ppls = [results["scout"][n]["ppl"] for n in scout]
+        grows = all(b < a for a, b in zip(ppls, ppls[1:]))
+        print(
+            f"\nPerplexity {'decreases monotonically' if grows else 'does NOT decrease monotonically'} with "
+            f"d_state over {scout}: " + ", ".join(f"{n}: {q:.3f}" for n, q in zip(scout, ppls)) + "\n",
+            flush=True,
+        )
+
+    print(f"## 1. Compressed (from {args.n0}, tau {args.tau}) vs uncompressed vs born small\n")
+    print("| seed " + header.replace("\n", "\n|---"), flush=True)
+    for seed in args.seeds:
+        res = {}
+        res["compressed"] = run(args, splits, [args.n0] * L, seed, compress=True)
+        print(f"| {seed} " + line("compressed", res["compressed"]), flush=True)
+        if seed == args.seeds[0] and args.n0 in results["scout"]:
+            res["uncompressed"] = results["scout"][args.n0]
+            note = " (scouting run)"
+        else:
+            res["uncompressed"] = run(args, splits, [args.n0] * L, seed, compress=False)
+            note = ""
+        print(f"| {seed} " + line("uncompressed" + note, res["uncompressed"]), flush=True)
+        res["born_small"] = run(args, splits, res["compressed"]["sizes"], seed, compress=False)
+        print(f"| {seed} " + line("born small (final sizes)", res["born_small"]), flush=True)
+        results["runs"][seed] = res
+
+    if len(args.seeds) > 1:
+        print("\n### Mean over seeds\n")
+        print("| run | val ppl mean | val ppl min-max | train s mean |\n|---|---|---|---|")
+        for name in ("compressed", "uncompressed", "born_small"):
+            ppl = [results["runs"][s][name]["ppl"] for s in args.seeds]
+            tt = [results["runs"][s][name]["train_time"] for s in args.seeds]
+            print(
+                f"| {name} | {statistics.mean(ppl):.3f} | {min(ppl):.3f}-{max(ppl):.3f} | {statistics.mean(tt):.0f} |"
+            )
+
+    print("\n### Compression events (first seed)\n")
+    for ev in results["runs"][args.seeds[0]]["compressed"]["events"]:
+        keys = ("step", "sizes", "sizes_before", "sizes_after", "layers")
+        short = {k: ev[k] for k in keys if k in ev and k != "layers"}
+        print(f"- {json.dumps(short) if short else json.dumps(ev, default=str)[:300]}")
+    print(f"\nTotal wall time {time.perf_counter() - t_all:.0f} s.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
