@@ -377,7 +377,7 @@ def merge(paths: list[str], out: str | None) -> dict:
     args = argparse.Namespace(**parts[0]["args"])
     args.seeds = sorted({r["seed"] for r in runs})
     cmds = [part["command"] for part in parts]
-    total_s = sum(part["total_s"] for part in parts)
+    total_s = sum(part["total_s"] for part in parts)  # summed over the parts (they may have run in parallel)
     ablation = any(r["label"].startswith("compressm-") for r in runs)
     print("merged from:\n" + "\n".join(f"  {c}" for c in cmds))
     main_rows, abl_rows = print_tables(runs, args, " + ".join(cmds), total_s, ablation)
@@ -391,8 +391,10 @@ def merge(paths: list[str], out: str | None) -> dict:
         "runs": runs,
         "summary": main_rows,
         "ablation": abl_rows if ablation else None,
+        "step_time_s": {str(p["args"]["seeds"][0]): p.get("step_time_s") for p in parts},
     }
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {out}")
     return result
