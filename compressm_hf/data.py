@@ -140,9 +140,7 @@ def mnist1d_splits(num_samples: int = 5000, seed: int = 42):
     d = make_dataset(args)  # never get_dataset(): that downloads
 
     def split(x, y):
-        return datasets.Dataset.from_dict(
-            {"inputs_embeds": np.asarray(x, np.float32)[..., None], "labels": np.asarray(y, np.int64)}
-        )
+        return _sequence_dataset(np.asarray(x, np.float32)[..., None], np.asarray(y, np.int64))
 
     return datasets.DatasetDict(train=split(d["x"], d["y"]), test=split(d["x_test"], d["y_test"]))
 
@@ -203,6 +201,19 @@ def fashion_mnist_splits(
     mean, std = float(xtr.mean()), float(xtr.std())
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     return datasets.DatasetDict(
-        train=datasets.Dataset.from_dict({"inputs_embeds": xtr[..., None], "labels": ytr}),
-        test=datasets.Dataset.from_dict({"inputs_embeds": xte[..., None], "labels": yte}),
+        train=_sequence_dataset(xtr[..., None], ytr), test=_sequence_dataset(xte[..., None], yte)
     )
+
+
+def _sequence_dataset(x: np.ndarray, y: np.ndarray):
+    """``Dataset`` of ``inputs_embeds`` (stored as a fixed-shape ``Array2D``, so the torch formatter
+    builds one tensor per batch instead of one per pixel) and ``labels``."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "inputs_embeds": datasets.Array2D(shape=tuple(x.shape[1:]), dtype="float32"),
+            "labels": datasets.Value("int64"),
+        }
+    )
+    return datasets.Dataset.from_dict({"inputs_embeds": x, "labels": y}, features=features)
