@@ -60,6 +60,7 @@ from .report import (
     config_record,
     event_log_payload,
     jsonable,
+    plan_record,
     write_report,
 )
 from .schedule import CompressionSchedule
@@ -752,16 +753,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                         new.requires_grad_(old.requires_grad)
                 swaps.extend(layer_swaps)
                 dt += time.perf_counter() - t0
-                record.update(
-                    n_after=int(layer.state_size),
-                    reduced=True,
-                    rule=plan.rule,
-                    selection=plan.selection,
-                    hsv=plan.hsv,
-                    energy_kept=float(plan.energy_kept),
-                    error_bound=float(plan.error_bound),
-                    extra=plan.extra,
-                )
+                record.update(plan_record(plan, layer.state_size))
                 if int(layer.state_size) != int(plan.rank):
                     raise RuntimeError(
                         f"{type(layer).__name__} (layer {layer.layer_idx}) reduce_ left {layer.state_size} states, "

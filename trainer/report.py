@@ -96,6 +96,20 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def plan_record(plan, n_after: int) -> dict[str, Any]:
+    """The report fields of one layer that a :class:`~compressm_hf.protocol.ReductionPlan` cut."""
+    return {
+        "n_after": int(n_after),
+        "reduced": True,
+        "rule": plan.rule,
+        "selection": plan.selection,
+        "hsv": plan.hsv,
+        "energy_kept": float(plan.energy_kept),
+        "error_bound": float(plan.error_bound),
+        "extra": plan.extra,
+    }
+
+
 def build_report(
     *,
     config: Mapping[str, Any],

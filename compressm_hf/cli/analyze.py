@@ -376,7 +376,7 @@ def cmd_spectrum(args) -> int:
 def cmd_compress(args) -> int:
     from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
     from compressm_hf.trainer.model_card import write_model_card
-    from compressm_hf.trainer.report import build_report, config_record, jsonable
+    from compressm_hf.trainer.report import build_report, config_record, jsonable, plan_record
 
     out = Path(args.output_dir)
     if out.resolve() == Path(args.model_dir).resolve():
@@ -416,16 +416,7 @@ def cmd_compress(args) -> int:
                 record["reason"] = "gate"
             else:
                 layer.reduce_(plan)
-                record.update(
-                    n_after=int(layer.state_size),
-                    reduced=True,
-                    rule=plan.rule,
-                    selection=plan.selection,
-                    hsv=plan.hsv,
-                    energy_kept=float(plan.energy_kept),
-                    error_bound=float(plan.error_bound),
-                    extra=plan.extra,
-                )
+                record.update(plan_record(plan, layer.state_size))
             record["wall_time_s"] = time.perf_counter() - t0
             records.append(record)
     sizes_after = [int(layer.state_size) for layer in layers]

@@ -6,19 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from compressm_hf.modeling.lru.modeling_lru import _STATE_PARAMS as LRU_STATE_PARAMS
 from compressm_hf.protocol import ReductionPlan, find_reducible_layers
-
-# State-indexed parameters of an LRU mixer and the axis that indexes states (mirrors modeling_lru._STATE_PARAMS;
-# duplicated here because that name is private to a file that must stay free of compressm_hf imports).
-LRU_STATE_PARAMS: dict[str, int] = {
-    "nu_log": 0,
-    "theta_log": 0,
-    "gamma_log": 0,
-    "B_re": 0,
-    "B_im": 0,
-    "C_re": 1,
-    "C_im": 1,
-}
 
 
 def is_lru_mixer(module: torch.nn.Module) -> bool:
