@@ -35,24 +35,13 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import FLAG, probe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "modeling" / "mamba"))
 import scan_mamba  # noqa: E402  (the file itself: works with or without compressm_hf installed)
 
-FLAG = "\u2021"
 PROBE_OK = 100.0  # GFLOP/s of the 512^3 probe below which a row is flagged (set to 50 * threads)
-
-
-def probe() -> float:
-    a = torch.randn(512, 512)
-    b = torch.randn(512, 512)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 512**3 / best / 1e9
 
 
 def timed(fn, reps, warmup):

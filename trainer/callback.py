@@ -573,6 +573,17 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "and layer_idx); CompreSSMCallback has nothing to compress"
             )
         self._steps = self.schedule.resolve(state.max_steps)
+        gaps = [b - a for a, b in zip([0, *self._steps], self._steps)]
+        if gaps and min(gaps) < self.statistics_steps and any(
+            hasattr(m, "collect_statistics") for m in find_reducible_layers(model)
+        ):
+            logger.warning(
+                "CompreSSM: attempts at steps %s leave only %d optimizer steps before some attempt, fewer than "
+                "statistics_steps=%d; selective layers will build their surrogate from fewer batches",
+                self._steps,
+                min(gaps),
+                self.statistics_steps,
+            )
         if self.mode == "pragmatic":
             self._check_pragmatic(args)
 
