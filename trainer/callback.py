@@ -574,8 +574,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
         self._steps = self.schedule.resolve(state.max_steps)
         gaps = [b - a for a, b in zip([0, *self._steps], self._steps)]
-        if gaps and min(gaps) < self.statistics_steps and any(
-            hasattr(m, "collect_statistics") for m in find_reducible_layers(model)
+        if (
+            gaps
+            and min(gaps) < self.statistics_steps
+            and any(hasattr(m, "collect_statistics") for m in find_reducible_layers(model))
         ):
             logger.warning(
                 "CompreSSM: attempts at steps %s leave only %d optimizer steps before some attempt, fewer than "
