@@ -226,7 +226,12 @@ def plot_hsv_spectra(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="lower left", frameon=False)
 
-    header = "Hankel singular values at the first compression event"
+    rules = {entry.get("rule") for _, entry in first.values()}
+    header = (
+        "Hankel importance of each state (modal, averaged surrogate) at the first compression event"
+        if rules == {"modal"}
+        else "Hankel singular values at the first compression event"
+    )
     tau_txt = f"\u03c4 = {tau:g}" if isinstance(tau, (int, float)) else ""
     details = ", ".join(s for s in (tau_txt, f"mode {mode}" if mode else "") if s)
     fig.suptitle(f"{header} ({details})" if details else header, fontsize=11)

@@ -64,8 +64,8 @@ class ModelArguments:
             "'mamba' checkpoint) instead of building a new one; the size arguments are then ignored."
         },
     )
-    hidden_size: int = field(default=64, metadata={"help": "Width of the residual stream."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "Number of SSM blocks."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the residual stream."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Number of SSM blocks."})
     state_size: int = field(
         default=64, metadata={"help": "Initial state size of every layer (before compression)."}
     )
@@ -156,7 +156,7 @@ class DataArguments:
 
 # Trainer defaults that differ from transformers' (every one can be overridden on the command line).
 TRAINING_DEFAULTS: dict = {
-    "max_steps": 300,
+    "max_steps": 1000,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
     "learning_rate": 3e-3,
