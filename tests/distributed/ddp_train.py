@@ -97,6 +97,15 @@ def optimizer_by_name(model, optimizer) -> dict:
     }
 
 
+def untimed(obj):
+    """A compression history without its wall-clock fields (they differ from run to run and rank to rank)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if not k.endswith("time_s")}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
 def _copy(model, optimizer) -> dict:
     return {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},

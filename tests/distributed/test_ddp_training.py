@@ -117,21 +117,13 @@ def _load_driver():
     return module
 
 
-def _untimed(obj):
-    """The history without wall-clock fields (they differ from rank to rank)."""
-    if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if not k.endswith("time_s")}
-    if isinstance(obj, list):
-        return [_untimed(v) for v in obj]
-    return obj
-
-
 def _assert_identical_ranks(results):
     r0, r1 = results
     assert r0["world"] == r1["world"] == 2 and (r0["rank"], r1["rank"]) == (0, 1)
     assert r0["wrapped"]["type"] == "DistributedDataParallel"
     assert r0["sizes"] == r1["sizes"]
-    assert _untimed(r0["history"]) == _untimed(r1["history"])
+    untimed = _load_driver().untimed
+    assert untimed(r0["history"]) == untimed(r1["history"])
     assert r0["state_dict"].keys() == r1["state_dict"].keys()
     for k, v in r0["state_dict"].items():
         assert torch.equal(v, r1["state_dict"][k]), f"{k} differs across ranks"
