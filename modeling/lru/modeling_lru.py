@@ -62,6 +62,20 @@ _STATE_PARAMS = {
 }
 
 
+# The field a model output holds its cache in: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(*given: LRUCache | None) -> LRUCache | None:
+    """The cache passed under any of its names (``cache``, ``past_key_values``, ``cache_params``)."""
+    caches = {id(c): c for c in given if c is not None}
+    if len(caches) > 1:
+        raise ValueError(
+            "Pass the recurrent cache once, as `cache` (older names: `past_key_values`, `cache_params`)."
+        )
+    return next(iter(caches.values()), None)
+
+
 class LRUParamSwap(NamedTuple):
     """One parameter replaced by :meth:`LRUMixer.reduce_` (field-compatible with ``compressm_hf.ParamSwap``)."""
 
@@ -208,7 +222,7 @@ class LRUMixer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache_params: LRUCache | None = None,
+        cache: LRUCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(batch, seq_len, H) -> (batch, seq_len, H)``. Padding positions (``attention_mask == 0``) feed
@@ -218,8 +232,8 @@ class LRUMixer(nn.Module):
             hidden_states = hidden_states * attention_mask[:, -hidden_states.shape[1] :, None].to(input_dtype)
         compute_dtype = torch.promote_types(self.nu_log.dtype, torch.float32)
         initial_state = None
-        if cache_params is not None:
-            initial_state = cache_params.get_recurrent_state(self.layer_idx)
+        if cache is not None:
+            initial_state = cache.get_recurrent_state(self.layer_idx)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             u = hidden_states.to(compute_dtype)
             gamma = torch.exp(self.gamma_log.to(compute_dtype))[:, None, None]
@@ -240,8 +254,8 @@ class LRUMixer(nn.Module):
             C = torch.stack([self.C_re.to(compute_dtype), -self.C_im.to(compute_dtype)], dim=-1)
             output = F.linear(torch.view_as_real(states).flatten(-2), C.flatten(-2))
             output = output + u * self.D.to(compute_dtype)
-        if cache_params is not None:
-            cache_params.update_recurrent_state(last_state.detach(), self.layer_idx)
+        if cache is not None:
+            cache.update_recurrent_state(last_state.detach(), self.layer_idx)
         return output.to(input_dtype)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -448,13 +462,11 @@ class LRUBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache_params: LRUCache | None = None,
+        cache: LRUCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.mixer(
-            self.norm(hidden_states), cache_params=cache_params, attention_mask=attention_mask
-        )
+        hidden_states = self.mixer(self.norm(hidden_states), cache=cache, attention_mask=attention_mask)
         hidden_states = self.dropout(F.gelu(hidden_states))
         hidden_states = self.dropout(self.glu(hidden_states))
         return residual + hidden_states
@@ -481,7 +493,8 @@ class LRUPreTrainedModel(PreTrainedModel):
 
 class LRUModel(LRUPreTrainedModel):
     """The bare LRU stack: input encoder (embedding, or a linear layer for continuous features), blocks and a
-    final norm. Returns ``BaseModelOutputWithPast`` whose ``past_key_values`` is an :class:`LRUCache`."""
+    final norm. Returns ``BaseModelOutputWithPast`` whose cache (field ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before) is an :class:`LRUCache`."""
 
     def __init__(self, config: LRUConfig):
         super().__init__(config)
@@ -533,10 +546,12 @@ class LRUModel(LRUPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: LRUCache | None = None,
+        cache: LRUCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: LRUCache | None = None,
+        cache_params: LRUCache | None = None,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPast:
         r"""
@@ -548,8 +563,9 @@ class LRUModel(LRUPreTrainedModel):
                 padding does not change the states) and are left out of pooling.
             inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size or input_size)`, *optional*):
                 Embedded tokens, or the continuous features when `config.input_size` is set.
-            past_key_values (`LRUCache`, *optional*):
-                Recurrent states from a previous call; the new inputs continue from them.
+            cache (`LRUCache`, *optional*):
+                Recurrent states from a previous call; the new inputs continue from them. `past_key_values`
+                and `cache_params` are accepted as older names of the same argument.
             use_cache (`bool`, *optional*):
                 Return an `LRUCache` holding the states after the last position. Defaults to `config.use_cache`
                 in evaluation mode and to `False` in training mode.
@@ -565,19 +581,19 @@ class LRUModel(LRUPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self._embed(input_ids, inputs_embeds)
-        if past_key_values is not None and not isinstance(past_key_values, LRUCache):
+        cache = _one_cache(cache, past_key_values, cache_params)
+        if cache is not None and not isinstance(cache, LRUCache):
             raise ValueError(
-                f"LRU models keep their recurrent states in an `LRUCache`, got {type(past_key_values).__name__}."
+                f"LRU models keep their recurrent states in an `LRUCache`, got {type(cache).__name__}."
             )
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = LRUCache(self.config)
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = LRUCache(self.config)
 
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, cache_params=cache, attention_mask=attention_mask)
+            hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         hidden_states = self.norm_f(hidden_states)
@@ -589,7 +605,7 @@ class LRUModel(LRUPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_CACHE_FIELD: cache}
         )
 
 
@@ -625,13 +641,15 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
-        past_key_values: LRUCache | None = None,
+        cache: LRUCache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         use_cache: bool | None = None,
+        past_key_values: LRUCache | None = None,
         **kwargs,
     ):
+        # generate() passes the cache as `cache` (transformers >= 5.24) or `past_key_values` (before)
         if inputs_embeds is not None and is_first_iteration:
             model_inputs = {"input_ids": None, "inputs_embeds": inputs_embeds}
             if next_sequence_length is not None:
@@ -642,7 +660,7 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
                 input_ids = input_ids[:, -next_sequence_length:]
             model_inputs = {"input_ids": input_ids.contiguous()}
             length = input_ids.shape[1]
-        model_inputs["past_key_values"] = past_key_values
+        model_inputs["cache"] = _one_cache(cache, past_key_values, kwargs.pop("cache_params", None))
         model_inputs["use_cache"] = use_cache
         if attention_mask is not None:
             model_inputs["attention_mask"] = attention_mask[:, -length:]
@@ -661,12 +679,14 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: LRUCache | None = None,
+        cache: LRUCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: LRUCache | None = None,
+        cache_params: LRUCache | None = None,
         **kwargs,
     ) -> tuple | CausalLMOutputWithPast:
         r"""
@@ -684,7 +704,7 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values, cache_params),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -703,15 +723,14 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
             )
 
         if not return_dict:
-            output = tuple(
-                v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None
-            )
+            cache = getattr(outputs, _CACHE_FIELD)
+            output = tuple(v for v in (logits, cache, outputs.hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
 

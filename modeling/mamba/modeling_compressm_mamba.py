@@ -21,6 +21,8 @@ transformers and same-folder modules (never ``compressm_hf``).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -35,15 +37,26 @@ from transformers.models.mamba.modeling_mamba import (
     MambaModel,
     MambaPreTrainedModel,
     MambaRMSNorm,
-    apply_mask_to_padding_states,
-    causal_conv1d_fn,
-    causal_conv1d_update,
-    mamba_selective_state_update,
 )
 from transformers.utils import logging
 
 from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .scan_mamba import selective_scan
+
+try:  # private helpers of transformers' Mamba (5.20-5.24); they may dispatch to hub kernels
+    from transformers.models.mamba.modeling_mamba import (
+        apply_mask_to_padding_states,
+        causal_conv1d_fn,
+        causal_conv1d_update,
+        mamba_selective_state_update,
+    )
+except ImportError:  # moved or renamed in a later transformers: same semantics in plain torch
+    from .ops_mamba import (
+        apply_mask_to_padding_states,
+        causal_conv1d_fn,
+        causal_conv1d_update,
+        mamba_selective_state_update,
+    )
 
 logger = logging.get_logger(__name__)
 
@@ -214,11 +227,18 @@ class CompreSSMMambaMixer(MambaMixer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache_params=None,
+        cache=None,
         attention_mask: torch.LongTensor | None = None,
+        cache_params=None,
         **kwargs,
     ):
+        """``hidden_states`` ``(batch, length, hidden_size)`` -> same shape.
+
+        ``cache`` (transformers >= 5.24's name; ``cache_params`` before) holds this layer's conv and
+        recurrent state: read for a one-token decoding step, written after a full sequence.
+        """
         self._check_conv1d(self.conv1d)
+        cache_params = _one_cache(cache, cache_params)
         seq_len = hidden_states.shape[1]
         dtype = hidden_states.dtype
         if cache_params is not None:
@@ -577,6 +597,35 @@ class CompreSSMMambaMixer(MambaMixer):
         )
 
 
+def _one_cache(cache, cache_params):
+    """The cache passed under either name (``cache`` since transformers 5.24, ``cache_params`` before)."""
+    if cache is not None and cache_params is not None and cache is not cache_params:
+        raise ValueError("Pass the recurrent cache once, as `cache` (or the older `cache_params`), not both.")
+    return cache if cache is not None else cache_params
+
+
+def _accept_both_cache_names(parent_forward):
+    """Wrap transformers' ``MambaModel.forward`` / ``MambaForCausalLM.forward`` so that it takes the cache
+    as ``cache`` or as ``cache_params`` whatever the installed transformers calls it (5.24 renamed
+    ``cache_params`` to ``cache``; 5.23 silently ignores an unknown ``cache=``). The wrapper's signature is
+    the parent's plus the other name, so ``generate()``'s keyword validation still sees every argument."""
+    signature = inspect.signature(parent_forward)
+    native = "cache" if "cache" in signature.parameters else "cache_params"
+    other = "cache_params" if native == "cache" else "cache"
+
+    @functools.wraps(parent_forward)
+    def forward(self, *args, **kwargs):
+        if other in kwargs:
+            kwargs[native] = _one_cache(kwargs.pop(native, None), kwargs.pop(other))
+        return parent_forward(self, *args, **kwargs)
+
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter(other, inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    forward.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+    return forward
+
+
 def _make_lti_system(A, B, C, surrogate):
     """``compressm_hf.LTISystem`` when the package is importable, else a duck-typed stand-in."""
     try:
@@ -624,6 +673,8 @@ class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):
         self._register_load_state_dict_pre_hook(self.load_hook)
         self.post_init()
 
+    forward = _accept_both_cache_names(MambaModel.forward)
+
 
 class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM):
     """Mamba language model (tied `lm_head`) with per-layer state sizes; loads stock `mamba` checkpoints."""
@@ -633,6 +684,8 @@ class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM)
         self.backbone = CompreSSMMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    forward = _accept_both_cache_names(MambaForCausalLM.forward)
 
     def mixers(self) -> list[CompreSSMMambaMixer]:
         """The reducible mixers, in layer order."""

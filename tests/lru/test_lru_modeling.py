@@ -47,33 +47,33 @@ def test_parameters_and_ring_init():
     assert model.lm_head.weight is model.model.embeddings.weight  # tied
 
 
-def test_forward_loss_and_tuple_outputs():
+def test_forward_loss_and_tuple_outputs(decoding):
     model = _lm()
     ids = torch.randint(0, 256, (2, 9))
     out = model(ids, labels=ids, output_hidden_states=True)
     assert out.logits.shape == (2, 9, 256)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert len(out.hidden_states) == 2
-    assert isinstance(out.past_key_values, LRUCache)  # eval mode + config.use_cache
+    assert isinstance(decoding.cache_of(out), LRUCache)  # eval mode + config.use_cache
     as_tuple = model(ids, labels=ids, return_dict=False, use_cache=False)
     torch.testing.assert_close(as_tuple[0], out.loss)
     torch.testing.assert_close(as_tuple[1], out.logits)
     assert len(as_tuple) == 2
     model.train()
-    assert model(ids).past_key_values is None  # no cache while training
+    assert not any(name in model(ids) for name in decoding.CACHE_FIELDS)  # no cache while training
 
 
-def test_cache_holds_one_state_per_layer_with_its_own_size():
+def test_cache_holds_one_state_per_layer_with_its_own_size(decoding):
     model = _lm()
     ids = torch.randint(0, 256, (3, 6))
-    cache = model(ids, use_cache=True).past_key_values
+    cache = decoding.cache_of(model(ids, use_cache=True))
     assert cache.get_seq_length() == 6
     shapes = [tuple(cache.get_recurrent_state(i).shape) for i in range(2)]
     assert shapes == [(3, 8), (3, 5)]
     assert cache.get_recurrent_state(0).is_complex()
     # continuing from the cache equals running the whole sequence
     more = torch.randint(0, 256, (3, 4))
-    step = model(more, past_key_values=cache).logits
+    step = model(more, cache=cache).logits
     full = model(torch.cat([ids, more], dim=1), use_cache=False).logits[:, -4:]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
@@ -82,8 +82,22 @@ def test_other_cache_types_are_refused():
     from transformers import DynamicCache
 
     model = _lm()
-    with pytest.raises(ValueError, match="LRUCache"):
-        model(torch.randint(0, 256, (1, 3)), past_key_values=DynamicCache())
+    for name in ("cache", "past_key_values", "cache_params"):
+        with pytest.raises(ValueError, match="LRUCache"):
+            model(torch.randint(0, 256, (1, 3)), **{name: DynamicCache()})
+
+
+@pytest.mark.parametrize("state_sizes", [[8, 5], [4, 4]])
+def test_cached_decoding_step_equals_full_forward(decoding, state_sizes):
+    # `cache` is transformers 5.24's name, `past_key_values` / `cache_params` the older ones
+    model = _lm(state_sizes=state_sizes)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    decoding.check_cached_decoding(model, ids, cache_names=("cache", "past_key_values", "cache_params"))
+
+
+def test_greedy_generate_logits_equal_full_forward(decoding):
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    decoding.check_greedy_generate(_lm(), prompt)
 
 
 def test_greedy_generate_with_cache_equals_uncached_argmax():

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -12,6 +13,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import compressm_hf.modeling  # noqa: F401  (registers the Auto classes)
 from compressm_hf.modeling.lru import LRUConfig, LRUForCausalLM, LRUForSequenceClassification, LRUModel
+
+# torch-only checks of cached decoding, run here and in the trust_remote_code subprocesses
+DECODING_CHECKS = Path(__file__).parents[1] / "decoding_checks.py"
 
 
 def _compressed_lm():
@@ -89,7 +93,7 @@ _REMOTE_SCRIPT = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder, ids_path, out_path = sys.argv[1:4]
+    folder, ids_path, out_path, checks_path = sys.argv[1:5]
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert "transformers_modules" in type(model).__module__, type(model).__module__
     system = model.model.layers[0].mixer.lti_system()
@@ -98,6 +102,11 @@ _REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(ids).logits
     generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    import runpy
+
+    checks = runpy.run_path(checks_path)  # the copied code must decode through its cache exactly
+    checks["check_cached_decoding"](model, ids, cache_names=("cache", "past_key_values"))
+    checks["check_greedy_generate"](model, ids)
     torch.save({"logits": logits, "generated": generated, "sizes": model.config.state_sizes}, out_path)
     """
 )
@@ -123,6 +132,7 @@ def test_trust_remote_code_loads_without_compressm_hf(tmp_path):
             str(folder),
             str(tmp_path / "ids.pt"),
             str(tmp_path / "out.pt"),
+            str(DECODING_CHECKS),
         ],
         cwd=tmp_path,
         env=env,

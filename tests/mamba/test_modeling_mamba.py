@@ -25,6 +25,9 @@ from compressm_hf.modeling.mamba import (
 
 VOCAB = 64
 
+# torch-only checks of cached decoding, run here and in the trust_remote_code subprocesses
+DECODING_CHECKS = Path(__file__).parents[1] / "decoding_checks.py"
+
 
 def tiny_config(state_sizes=(8, 4), **kw) -> CompreSSMMambaConfig:
     kw.setdefault("hidden_size", 16)
@@ -108,24 +111,95 @@ def test_stock_checkpoint_loads_unchanged_with_same_logits(tmp_path):
 
 
 @pytest.mark.parametrize("state_sizes", [(8, 4, 2), (4, 4)])
-def test_cached_greedy_generate_equals_uncached_argmax(state_sizes):
+def test_cached_greedy_generate_equals_uncached_argmax(decoding, state_sizes):
     model = tiny_model(state_sizes)
     prompt = ids(2, 5)
-    out = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
-    )
-    assert out.shape == (2, 11)
-    full = logits(model, out)
-    assert torch.equal(full[:, 4:-1].argmax(-1), out[:, 5:])
+    decoding.check_greedy_generate(model, prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0)
 
 
-def test_cache_holds_per_layer_state_shapes():
+@pytest.mark.parametrize("state_sizes", [(8, 4, 2), (4, 4)])
+def test_cached_decoding_step_equals_full_forward(decoding, state_sizes):
+    # `cache` is transformers 5.24's name, `cache_params` the older one: both must reach every layer
+    decoding.check_cached_decoding(tiny_model(state_sizes), ids(2, 9), cache_names=("cache", "cache_params"))
+
+
+def test_cache_holds_per_layer_state_shapes(decoding):
     model = tiny_model((8, 4, 2))
     with torch.no_grad():
         out = model(ids(2, 5), use_cache=True)
-    cache = out.cache_params
+    cache = decoding.cache_of(out)
     shapes = [tuple(cache.get_recurrent_state(i).shape) for i in range(3)]
     assert shapes == [(2, 32, 8), (2, 32, 4), (2, 32, 2)]
+
+
+def test_private_transformers_helpers_have_local_equivalents():
+    # the modeling file falls back to ops_mamba when transformers drops its private Mamba helpers
+    from transformers.models.mamba import modeling_mamba as stock
+
+    from compressm_hf.modeling.mamba import ops_mamba as ours
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 6, 9, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    for act in (None, "silu"):
+        torch.testing.assert_close(ours.causal_conv1d_fn(x, w, b, act), stock.causal_conv1d_fn(x, w, b, act))
+        s1 = torch.randn(2, 6, 3, generator=g)
+        s2 = s1.clone()
+        step = torch.randn(2, 6, 1, generator=g)
+        torch.testing.assert_close(
+            ours.causal_conv1d_update(step, s1, w, b, act), stock.causal_conv1d_update(step, s2, w, b, act)
+        )
+        torch.testing.assert_close(s1, s2)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    h = torch.randn(2, 3, 5, generator=g)
+    torch.testing.assert_close(
+        ours.apply_mask_to_padding_states(h, mask), stock.apply_mask_to_padding_states(h, mask)
+    )
+    d, n = 6, 4
+    state = torch.randn(2, d, n, generator=g)
+    args = (
+        torch.randn(2, d, generator=g),  # hidden_states
+        torch.randn(2, d, generator=g),  # dt
+        -torch.rand(d, n, generator=g),  # A
+        torch.randn(2, n, generator=g),  # B
+        torch.randn(2, n, generator=g),  # C
+    )
+    kw = dict(D=torch.randn(d, generator=g), dt_bias=torch.randn(d, generator=g), dt_softplus=True)
+    kw["z"] = torch.randn(2, d, generator=g)
+    mine, theirs = state.clone(), state.clone()
+    torch.testing.assert_close(
+        ours.mamba_selective_state_update(mine, *args, **kw),
+        stock.mamba_selective_state_update(theirs, *args, **kw),
+    )
+    torch.testing.assert_close(mine, theirs)
+
+
+def test_falls_back_cleanly_when_transformers_drops_its_private_helpers(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import runpy
+        import torch
+        import transformers.models.mamba.modeling_mamba as stock
+        for name in ("apply_mask_to_padding_states", "causal_conv1d_fn", "causal_conv1d_update",
+                     "mamba_selective_state_update"):
+            delattr(stock, name)  # as if a later transformers moved them
+        from compressm_hf.modeling.mamba import modeling_compressm_mamba as ours, ops_mamba
+        assert ours.causal_conv1d_update is ops_mamba.causal_conv1d_update
+        assert ours.mamba_selective_state_update is ops_mamba.mamba_selective_state_update
+        torch.manual_seed(0)
+        config = ours.CompreSSMMambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_sizes=[8, 4])
+        model = ours.CompreSSMMambaForCausalLM(config).eval()
+        checks = runpy.run_path({str(DECODING_CHECKS)!r})
+        ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        checks["check_cached_decoding"](model, ids, cache_names=("cache", "cache_params"))
+        checks["check_greedy_generate"](model, ids[:, :4], pad_token_id=0)
+        print("OK")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "OK" in proc.stdout
 
 
 def test_gradients_reach_every_parameter():
@@ -223,6 +297,11 @@ def test_trust_remote_code_load_without_compressm_hf(tmp_path):
             gen = model.generate(ref["ids"], attention_mask=torch.ones_like(ref["ids"]), max_new_tokens=3,
                                  do_sample=False, pad_token_id=0)
             assert gen.shape == (1, 9)
+            import runpy  # the copied code must decode through its cache exactly
+            checks = runpy.run_path({str(DECODING_CHECKS)!r})
+            longer = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+            checks["check_cached_decoding"](model, longer, cache_names=("cache", "cache_params"))
+            checks["check_greedy_generate"](model, longer[:, :4], pad_token_id=0)
             print("OK", model.config.state_sizes)
             """
         )
