@@ -109,7 +109,8 @@ class LRUConfig(PreTrainedConfig):
     ```"""
 
     model_type = "compressm_lru"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # the cache's output field: `cache` from transformers 5.24 on, `past_key_values` before
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 256
     hidden_size: int = 128
@@ -202,6 +203,24 @@ class LRUConfig(PreTrainedConfig):
         if self.compression is not None and not isinstance(self.compression, dict):
             raise ValueError(f"LRUConfig: `compression` must be None or a dict, got {self.compression!r}.")
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' ``get_config_dict``, refusing a checkpoint of another ``model_type``.
+
+        transformers only warns there, and ``LRUForCausalLM.from_pretrained`` on, say, a Mamba folder would
+        then return a model whose every weight is freshly initialized.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found not in (None, cls.model_type):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a `{found}` checkpoint, which {cls.__name__} "
+                f"(model_type `{cls.model_type}`) cannot load: none of its weights would be used. Load it with the "
+                f"classes of `{found}` (e.g. AutoModelForCausalLM.from_pretrained), or pass a `{cls.model_type}` "
+                f"checkpoint."
+            )
+        return config_dict, kwargs
 
 
 LRUConfig.register_for_auto_class()

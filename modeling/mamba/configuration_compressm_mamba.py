@@ -45,6 +45,8 @@ class CompreSSMMambaConfig(MambaConfig):
     """
 
     model_type = "compressm_mamba"
+    # checkpoints whose weights these models read: their own, and stock transformers `mamba` (one state size)
+    loadable_model_types = ("compressm_mamba", "mamba")
 
     state_sizes: list[int] | None = None
     compression: dict | None = None
@@ -53,8 +55,14 @@ class CompreSSMMambaConfig(MambaConfig):
         super().__post_init__(**kwargs)
         if self.state_sizes is None:
             self.state_sizes = [int(self.state_size)] * int(self.num_hidden_layers)
-        else:
+        elif isinstance(self.state_sizes, (list, tuple)):
             self.state_sizes = list(self.state_sizes)
+        else:
+            raise ValueError(
+                f"state_sizes must be a list with one int per layer (num_hidden_layers={self.num_hidden_layers}), "
+                f"got the {type(self.state_sizes).__name__} {self.state_sizes!r}; e.g. state_sizes="
+                f"{[16] * int(self.num_hidden_layers)}, or set state_size for the same size in every layer."
+            )
         self.validate_state_sizes()
         self.state_size = max(self.state_sizes)
 
@@ -71,6 +79,22 @@ class CompreSSMMambaConfig(MambaConfig):
                 raise ValueError(
                     f"state_sizes[{i}] is {n!r}; every state size must be an int >= 1 (got {sizes})."
                 )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' ``get_config_dict``, refusing a checkpoint that is neither ``compressm_mamba`` nor
+        stock ``mamba``: transformers only warns there, and the model would come back with every weight
+        freshly initialized."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found is not None and found not in cls.loadable_model_types:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a `{found}` checkpoint, which {cls.__name__} "
+                f"(model_type `{cls.model_type}`) cannot load: none of its weights would be used. Load it with the "
+                f"classes of `{found}` (e.g. AutoModelForCausalLM.from_pretrained), or pass a "
+                f"{' or '.join(f'`{t}`' for t in cls.loadable_model_types)} checkpoint."
+            )
+        return config_dict, kwargs
 
 
 __all__ = ["CompreSSMMambaConfig"]
