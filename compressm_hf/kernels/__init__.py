@@ -4,84 +4,35 @@ Only the Mamba-1 selective scan lives here (``selective_scan_cpu.cpp``): a fused
 backward, vectorised over 16 channels, with state checkpoints every ``CHUNK`` steps that the backward
 recomputes from. Nothing is compiled when this module is imported; the first call to
 :func:`is_available` (or :func:`selective_scan_cpu`) builds the extension into the torch extensions
-cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Concurrent builds from several
-processes are serialised by cpp_extension's file baton in the build directory.
+cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a directory keyed by the
+source, flags, CPU, compiler, torch and interpreter (so venvs sharing the cache never rebuild over each
+other). How builds are serialised, bounded and recovered after a killed build: :mod:`.cpu_build`.
 
-Set ``COMPRESSM_DISABLE_CPP_KERNEL=1`` to never build or use it; :func:`is_available` then returns False
-and callers (``modeling/mamba/scan_mamba.py``) fall back to the pure-torch chunked scan.
+Set ``COMPRESSM_DISABLE_CPP_KERNEL=1`` to never build or use it, and ``COMPRESSM_KERNEL_BUILD_TIMEOUT``
+(seconds, default 900) to bound the wait for and the run of the build. Whenever the kernel is not
+available, :func:`is_available` returns False with a logged warning and callers
+(``modeling/mamba/scan_mamba.py``) fall back to the slower chunked torch scan.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import threading
-from pathlib import Path
 
 import torch
+
+from . import cpu_build
 
 __all__ = ["CHUNK", "build_error", "is_available", "load", "selective_scan_cpu"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 # forward checkpoint interval == backward recompute chunk, in time steps
 CHUNK = int(os.environ.get("COMPRESSM_SCAN_CHUNK", "64"))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
-
-# Tried in order; the first that builds wins. -ffast-math is deliberately absent: the kernel has its
-# own vector exp/log (no libm calls to vectorise) and fast-math could fold its Cody-Waite ln2 split.
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"],
-    ["-O3", "-fopenmp", "-fno-math-errno"],
-    ["-O2"],
-)
-
-
-def _cpu_tag() -> str:
-    """A short tag of the CPU model, so a shared cache never reuses a -march=native build elsewhere."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith(("model name", "flags", "Features")):
-                    text += line
-                    if line.startswith(("flags", "Features")):
-                        break
-    except OSError:
-        pass
-    return text
-
-
-def _build() -> None:
-    from torch.utils import cpp_extension  # imported lazily: pulls in setuptools
-
-    source = _SOURCE.read_bytes()
-    errors = []
-    for flags in _FLAG_SETS:
-        tag = hashlib.sha1(source + " ".join(flags).encode() + _cpu_tag().encode()).hexdigest()[:12]
-        name = f"compressm_selective_scan_cpu_{tag}"
-        ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-        try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(_SOURCE)],
-                extra_cflags=flags,
-                extra_ldflags=ldflags,
-                is_python_module=False,
-                verbose=os.environ.get("COMPRESSM_VERBOSE_BUILD", "0") == "1",
-            )
-            torch.ops.compressm_scan.fwd  # noqa: B018  (raises if the ops did not register)
-            return
-        except Exception as exc:  # compiler missing, flags refused, ...
-            errors.append(f"{' '.join(flags)}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
-            if hasattr(torch.ops, "compressm_scan") and hasattr(torch.ops.compressm_scan, "fwd"):
-                return  # a partially failed retry after a success elsewhere; the ops exist
-    raise RuntimeError("\n".join(errors))
 
 
 def load() -> bool:
@@ -94,17 +45,17 @@ def load() -> bool:
             _state["error"] = "disabled by COMPRESSM_DISABLE_CPP_KERNEL"
             logger.warning(
                 "compressm_hf: C++ selective-scan kernel disabled by COMPRESSM_DISABLE_CPP_KERNEL; "
-                "using the pure-torch chunked scan (slower)."
+                "using the slower chunked torch scan."
             )
             return False
         try:
-            _build()
+            cpu_build.build_and_load()
         except Exception as exc:
-            _state["error"] = str(exc)
+            _state["error"] = f"{type(exc).__name__}: {exc}"
             logger.warning(
-                "compressm_hf: could not build the C++ selective-scan kernel; using the pure-torch chunked "
-                "scan (slower). Reason: %s",
-                exc,
+                "compressm_hf: the fused C++ selective-scan kernel is unavailable; using the slower "
+                "chunked torch scan. Reason: %s",
+                _state["error"],
             )
             return False
         _state["ok"] = True
