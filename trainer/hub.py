@@ -29,6 +29,19 @@ Two ways in:
 Errors from the Hub are re-raised as :class:`CompreSSMHubError` with a message that says what to do (network
 or ``HF_ENDPOINT``, token, server error). A push never writes into the folder it uploads. For the Trainer's own
 push, wrap it the same way: ``with hub_errors(args.hub_model_id): trainer.push_to_hub()``.
+
+No secret leaves the machine:
+
+* ``Trainer`` pickles its ``TrainingArguments`` into ``training_args.bin`` (``output_dir`` and every
+  ``checkpoint-N``), ``hub_token`` included. :func:`protect_hub_token` moves the token into the process
+  environment (``HF_TOKEN``, where ``huggingface_hub`` looks when a call gets no token) and sets
+  ``args.hub_token = None``, so the pickles never hold it while every push still authenticates.
+  ``CompreSSMHubCallback.attach``/``bind`` and ``CompreSSMCallback`` (at ``on_init_end``) call it, and so
+  does ``compressm-train``: with either callback, ``TrainingArguments(hub_token=...)`` is safe. The token then
+  also serves other Hub calls of this process (and of the subprocesses it starts).
+* :func:`push_compressed_model` never uploads ``training_args.bin`` (it holds local paths, and written by an
+  unprotected Trainer, the token; reading it back means unpickling it, which can run code) and refuses to
+  upload any file whose bytes contain the token in use or the folder's absolute path.
 """
 
 from __future__ import annotations
@@ -57,14 +70,24 @@ __all__ = [
     "CompreSSMHubError",
     "hub_errors",
     "metrics_from_log_history",
+    "protect_hub_token",
     "push_compressed_model",
     "trainer_summary",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Trainer checkpoints (optimizer state, RNG state) and temporary files never go to the Hub.
-DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "*.tmp", ".compression_report.*"]
+# Trainer checkpoints (optimizer state, RNG state), temporary files and the pickled TrainingArguments (local
+# paths, possibly a token; see the module docstring) never go to the Hub.
+DEFAULT_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "*.tmp",
+    ".compression_report.*",
+    "training_args.bin",
+    "*/training_args.bin",
+]
+# Shorter "tokens" (placeholders) would match by chance; real Hub tokens are ~37 characters.
+_MIN_SECRET_LENGTH = 8
 
 _NETWORK_ERROR_NAMES = {
     "ConnectError",
@@ -197,6 +220,80 @@ def hub_errors(repo_id: str, *, endpoint: str | None = None, action: str = "push
         raise translated from err
 
 
+def protect_hub_token(args) -> str | None:
+    """Move ``args.hub_token`` into the ``HF_TOKEN`` environment variable and clear it from ``args``.
+
+    ``Trainer`` pickles ``args`` into every ``training_args.bin`` it writes (and uploads that file from
+    ``output_dir``); after this call the pickles hold no token, while ``huggingface_hub`` still finds it for
+    every push (a call without a token reads ``HF_TOKEN``, which wins over a stored login). Call it after
+    ``Trainer(...)`` was built (the repository is created in ``__init__`` with ``args.hub_token``) or before,
+    and before the first save. Idempotent.
+
+    Args:
+        args: a ``TrainingArguments`` (anything with a ``hub_token`` attribute).
+
+    Returns:
+        the token that was moved, or ``None`` when ``args`` held none.
+
+    Raises:
+        TypeError: ``args.hub_token`` is set but is not a string.
+    """
+    token = getattr(args, "hub_token", None)
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str):
+        raise TypeError(
+            f"hub_token must be a string (a Hub access token), got a {type(token).__name__}; pass the token "
+            "text, or leave hub_token unset and log in with `hf auth login` / set HF_TOKEN"
+        )
+    os.environ["HF_TOKEN"] = token
+    args.hub_token = None
+    logger.info("hub_token moved from the TrainingArguments to HF_TOKEN, so that no saved file contains it")
+    return token
+
+
+def _upload_candidates(folder: Path, patterns: list[str]) -> list[Path]:
+    """The files of ``folder`` that an ``upload_folder`` with ``ignore_patterns=patterns`` would send."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    # upload_folder itself always leaves out git metadata and its own upload cache
+    patterns = [*patterns, ".git/*", "*/.git/*", ".cache/huggingface/*"]
+    return [files[rel] for rel in filter_repo_objects(sorted(files), ignore_patterns=patterns)]
+
+
+def _file_contains(path: Path, needles: list[bytes]) -> bytes | None:
+    """The first of ``needles`` found in the raw bytes of ``path`` (memory-mapped: weights are not read in)."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for needle in needles:
+            if data.find(needle) != -1:
+                return needle
+    return None
+
+
+def _check_no_secrets(folder: Path, files: list[Path], token: str | bool | None) -> None:
+    """Refuse to upload a file that holds the Hub token in use or the folder's absolute local path."""
+    from huggingface_hub import get_token
+
+    tokens = {token if isinstance(token, str) else None, get_token() if token is not False else None}
+    secrets = {t.encode(): "the Hub token" for t in tokens if t and len(t) >= _MIN_SECRET_LENGTH}
+    for local in {str(folder.absolute()), str(folder.resolve())}:
+        if len(local) >= _MIN_SECRET_LENGTH:
+            secrets[local.encode()] = f"the local path {local!r}"
+    for path in files:
+        found = _file_contains(path, list(secrets))
+        if found is not None:
+            raise ValueError(
+                f"Refusing to push {str(folder)!r}: {path.relative_to(folder).as_posix()} contains "
+                f"{secrets[found]}, which must not leave this machine. Remove it from the file (or the file "
+                "from the folder), or leave the file out with ignore_patterns=[...]. Nothing was uploaded."
+            )
+
+
 def push_compressed_model(
     folder: str | os.PathLike,
     repo_id: str,
@@ -213,9 +310,11 @@ def push_compressed_model(
     """Upload a saved model folder (weights, config, modeling code, card, plots, report) to ``repo_id``.
 
     Creates the repository if needed (``exist_ok``), then uploads the whole folder in one commit, leaving out
-    ``DEFAULT_IGNORE_PATTERNS`` (Trainer ``checkpoint-*`` folders, temporary files) and ``ignore_patterns``.
-    Write the card first with :func:`~compressm_hf.trainer.model_card.write_model_card`; this function only
-    reads the folder.
+    ``DEFAULT_IGNORE_PATTERNS`` (Trainer ``checkpoint-*`` folders, temporary files, ``training_args.bin``) and
+    ``ignore_patterns``. Before anything is sent, every file to upload is scanned (raw bytes) for the token in
+    use (``token`` or the one ``huggingface_hub`` would use) and for the folder's absolute path; a hit stops
+    the push. Write the card first with :func:`~compressm_hf.trainer.model_card.write_model_card`; this
+    function only reads the folder.
 
     Args:
         folder: the saved model folder.
@@ -229,6 +328,7 @@ def push_compressed_model(
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
+        ValueError: a file to upload contains the token or the folder's absolute path (nothing is uploaded).
         CompreSSMHubError: the Hub could not be reached, refused the token, or failed; the folder is unchanged.
     """
     from huggingface_hub import HfApi
@@ -246,6 +346,7 @@ def push_compressed_model(
         )
     api = HfApi(endpoint=endpoint)
     patterns = [*DEFAULT_IGNORE_PATTERNS, *(ignore_patterns or [])]
+    _check_no_secrets(folder, _upload_candidates(folder, patterns), token)
     with hub_errors(repo_id, endpoint=api.endpoint, action="creating the repository"):
         repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
     with hub_errors(repo_id, endpoint=api.endpoint, action="uploading the model folder to"):
@@ -328,10 +429,15 @@ class CompreSSMHubCallback(TrainerCallback):
         return callback.bind(trainer)
 
     def bind(self, trainer) -> CompreSSMHubCallback:
-        """Make ``trainer.create_model_card`` (called by ``Trainer.push_to_hub``) write the CompreSSM card."""
+        """Make ``trainer.create_model_card`` (called by ``Trainer.push_to_hub``) write the CompreSSM card.
+
+        Also moves ``trainer.args.hub_token`` into ``HF_TOKEN`` (:func:`protect_hub_token`), so that no
+        ``training_args.bin`` the Trainer writes or pushes holds the token.
+        """
         if self._trainer is trainer:
             return self
         self._trainer = trainer
+        protect_hub_token(trainer.args)  # before the first save pickles the args
         trainer_create_model_card = trainer.create_model_card
 
         def create_model_card(*args: Any, **kwargs: Any) -> None:

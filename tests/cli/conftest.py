@@ -59,3 +59,25 @@ def stock_mamba(tmp_path_factory):
     path = tmp_path_factory.mktemp("stock") / "stock-mamba"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """The loopback fake Hub of ``tests/hub`` (accepts only ``GOOD_TOKEN``), with the client pointed at it.
+
+    ``HF_TOKEN`` is restored after the test: ``compressm-train --hub_token`` moves the token there.
+    """
+    import sys
+    from pathlib import Path
+
+    hub_dir = str(Path(__file__).resolve().parents[1] / "hub")
+    if hub_dir not in sys.path:
+        sys.path.insert(0, hub_dir)
+    from fake_hub import FakeHub
+    from hub_test_utils import GOOD_TOKEN, point_client_at
+
+    monkeypatch.setenv("HF_TOKEN", "placeholder")  # recorded, so the teardown restores the original state
+    with FakeHub(tokens={GOOD_TOKEN}, max_lifetime_s=120) as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf_cache")
+        hub.token = GOOD_TOKEN
+        yield hub

@@ -287,7 +287,7 @@ def test_script_wrappers_call_the_cli_mains(script, monkeypatch, capsys):
 
 def _push_argv(out, tiny_text):
     argv = ["--output_dir", str(out), "--dataset", str(tiny_text), "--disable_tqdm", "true"]
-    argv += [*TINY_MODEL, "--max_steps", "4", "--steps", "2", "--push_to_hub", "--hub_model_id", "me/tiny"]
+    argv += [*TINY_MODEL, "--max_steps", "4", "--steps", "2", "--push_to_hub", "--hub_model_id", "user/tiny"]
     return argv
 
 
@@ -305,49 +305,30 @@ def test_push_to_hub_unreachable_at_start_is_a_clear_error(tmp_path, tiny_text, 
     assert err.startswith("compressm-train: error: Could not reach the Hub") and "Traceback" not in err
 
 
-def test_push_to_hub_uploads_card_plots_and_report(tmp_path, tiny_text, monkeypatch):
-    from transformers import Trainer
-
-    uploaded = {}
-
-    def init_hf_repo(self, token=None, private=None):
-        self.hub_model_id = self.args.hub_model_id
-
-    def push_to_hub(self, commit_message="End of training", **kwargs):
-        self.save_model(_internal_call=True)
-        self.create_model_card()
-        uploaded.update({p.name: p.read_bytes() for p in Path(self.args.output_dir).iterdir() if p.is_file()})
-
-    monkeypatch.setattr(Trainer, "init_hf_repo", init_hf_repo)
-    monkeypatch.setattr(Trainer, "push_to_hub", push_to_hub)
-    rc, stdout = run_main(train.main, _push_argv(tmp_path / "o", tiny_text))
+def test_push_to_hub_uploads_card_plots_and_report(tmp_path, tiny_text, fake_hub):
+    argv = [*_push_argv(tmp_path / "o", tiny_text), "--hub_token", fake_hub.token]
+    rc, stdout = run_main(train.main, argv)
     assert rc == 0 and "CompreSSM training summary" in stdout
+    uploaded = fake_hub.files("user/tiny")
     for name in (
         "README.md",
         "compression_report.json",
         "hsv_spectra.png",
         "state_sizes.png",
         "model.safetensors",
+        "training_summary.txt",
     ):
         assert name in uploaded, name
+    assert "training_args.bin" not in uploaded
     card = uploaded["README.md"].decode()
-    assert "me/tiny" in card and "eval_perplexity" in card and "compressm" in card
+    assert "user/tiny" in card and "eval_perplexity" in card and "compressm" in card
 
 
-def test_push_failure_at_the_end_keeps_the_local_folder(tmp_path, tiny_text, monkeypatch, capsys):
-    import socket
-
-    from transformers import Trainer
-
-    def init_hf_repo(self, token=None, private=None):
-        self.hub_model_id = self.args.hub_model_id
-
-    def push_to_hub(self, *args, **kwargs):
-        raise socket.gaierror(-2, "Name or service not known")
-
-    monkeypatch.setattr(Trainer, "init_hf_repo", init_hf_repo)
-    monkeypatch.setattr(Trainer, "push_to_hub", push_to_hub)
+def test_push_failure_at_the_end_keeps_the_local_folder(tmp_path, tiny_text, fake_hub, capsys):
+    fake_hub.fail("POST", r"/commit/main$", status=500)
     out = tmp_path / "o"
-    assert train.main(_push_argv(out, tiny_text)) == 1
-    assert "the model was saved in" in capsys.readouterr().err
+    argv = [*_push_argv(out, tiny_text), "--hub_token", fake_hub.token]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the model was saved in" in err and "server error" in err
     assert_model_folder(out, shrank=False)

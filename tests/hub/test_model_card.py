@@ -115,3 +115,15 @@ def test_card_picks_up_report_already_in_folder(tmp_path):
     card = write_model_card(tmp_path, make_plots=False)
     assert card.data.compressm["final_state_sizes"] == [5, 4]
     assert not (tmp_path / "hsv_spectra.png").exists()
+
+
+def test_card_names_paths_relative_to_its_folder(tmp_path):
+    folder = tmp_path / "model"
+    summary = f"Saved to {folder}/ every 10 steps: {folder}/checkpoint-10, {folder.resolve()}/checkpoint-20."
+    card = write_model_card(
+        folder, report=make_report(), training_summary=summary, model_summary=f"In {folder}."
+    )
+    text = (folder / "README.md").read_text()
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert "Saved to ./ every 10 steps: checkpoint-10, checkpoint-20." in text and "In ./." in text
+    assert str(tmp_path) not in card.content
