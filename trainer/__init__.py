@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-from .callback import CompreSSMCallback, find_trainer
-from .report import REPORT_NAME, read_report, write_report
+from .callback import CompreSSMCallback, NonFiniteTrainingWarning, find_trainer
+from .hub import protect_hub_token
+from .report import REPORT_NAME, ReportWriteError, read_report, write_report
 from .schedule import CompressionSchedule
 from .surgery import base_optimizer, rebuild_ddp_in_place_, transplant_optimizer_state
 
@@ -17,8 +18,11 @@ __all__ = [
     "REPORT_NAME",
     "CompreSSMCallback",
     "CompressionSchedule",
+    "NonFiniteTrainingWarning",
+    "ReportWriteError",
     "base_optimizer",
     "find_trainer",
+    "protect_hub_token",
     "read_report",
     "rebuild_ddp_in_place_",
     "transplant_optimizer_state",

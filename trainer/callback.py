@@ -25,16 +25,23 @@ Lifecycle
 ``on_train_begin``
     Validates everything that needs the run (schedule against ``state.max_steps``, a reducible
     layer exists, pragmatic mode has evaluation), restores the exported state on resume.
+``on_pre_optimizer_step`` (only before the optimizer step of an attempt)
+    Notes whether the gradient is exactly zero everywhere (no training signal; health check).
 ``on_step_end`` (after ``optimizer.step``, ``lr_scheduler.step`` and ``zero_grad``; it only fires
 at optimizer-step boundaries, so never inside a gradient-accumulation cycle)
-    At a scheduled step: plan every layer (rank 0 plans, the plans are broadcast), ``reduce_``,
-    transplant the optimizer state, rebuild DDP in place, update ``config.state_sizes`` and
+    At a scheduled step: check the run's health (NaN/Inf parameters or losses, zero gradient, loss 0:
+    the attempt is skipped, see ``on_nonfinite``), plan every layer (rank 0 plans, the plans are
+    broadcast), ``reduce_``, transplant the optimizer state, rebuild DDP in place, update ``config.state_sizes`` and
     ``config.compression``, log, write the report. The checkpoint/eval of the same step
-    (``_maybe_log_save_evaluate`` runs right after) already sees the compressed model.
+    (``_maybe_log_save_evaluate`` runs right after) already sees the compressed model, and the
+    training-loss entry of that step is still logged (``control.should_log`` is kept).
 ``on_evaluate`` (pragmatic mode)
     Compares the metric with the pre-cut one and rolls back if it dropped too much.
 ``on_save``
     Writes ``compression_report.json`` into ``{output_dir}/checkpoint-{global_step}``.
+``on_train_end``
+    Checks the parameters once more (a warning and a ``"health"`` entry if NaN/Inf) and writes the
+    final report into ``output_dir``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from transformers.trainer_callback import ExportableState
 
 from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
 
+from .hub import protect_hub_token
 from .report import (
     REPORT_NAME,
     build_report,
@@ -61,12 +69,15 @@ from .report import (
     event_log_payload,
     jsonable,
     plan_record,
+    save_torch_atomic,
     write_report,
 )
 from .schedule import CompressionSchedule
 from .surgery import (
     OPTIMIZER_STATE_MODES,
+    apply_ddp_timeout,
     broadcast_objects,
+    distributed_barrier,
     distributed_rank,
     is_distributed,
     rebuild_ddp_in_place_,
@@ -79,8 +90,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODES",
+    "NONFINITE_ACTIONS",
     "SELECTIONS",
     "CompreSSMCallback",
+    "NonFiniteTrainingWarning",
     "find_trainer",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
@@ -89,7 +102,13 @@ __all__ = [
 
 MODES = ("tolerance", "fixed", "pragmatic")
 SELECTIONS = ("largest", "smallest", "random")
+NONFINITE_ACTIONS = ("warn", "stop")
 SNAPSHOT_NAME = "compressm_pragmatic_snapshot.pt"
+
+
+class NonFiniteTrainingWarning(UserWarning):
+    """The training diverged (NaN/Inf parameters or losses) or learned nothing (no gradient, loss 0):
+    CompreSSMCallback did not compress at that attempt (see ``on_nonfinite``)."""
 
 
 def find_trainer(max_depth: int = 64):
@@ -261,6 +280,63 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
+def _is_real(x) -> bool:
+    """An int/float (NaN and Inf included), not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_report_name(name) -> str:
+    """``name`` if it is a plain JSON file name (written inside ``output_dir``), else ValueError."""
+    plain = (
+        isinstance(name, str)
+        and name.endswith(".json")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+    )
+    if not plain:
+        raise ValueError(
+            "report_name must be a plain file name ending in .json (no folder, no '..', not absolute; it is "
+            f"written inside output_dir and every checkpoint), got {name!r}"
+        )
+    return name
+
+
+def _by_device(tensors):
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups.values()
+
+
+def _nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters holding a NaN or an Inf (one host sync per device)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    index = {id(p): n for n, p in named}
+    bad = []
+    for group in _by_device([p for _, p in named]):
+        flags = torch.stack([torch.isfinite(p.detach()).all() for p in group]).cpu().tolist()
+        bad.extend(index[id(p)] for p, ok in zip(group, flags) if not ok)
+    return bad
+
+
+def _gradient_is_zero(model: torch.nn.Module) -> bool:
+    """True if no trainable parameter has a gradient with a nonzero (or NaN) entry."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    for group in _by_device(grads):
+        if bool(torch.stack([g.detach().ne(0).any() for g in group]).any()):
+            return False
+    return True
+
+
+def _describe_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class CompreSSMCallback(TrainerCallback, ExportableState):
     """Compress SSM layers while they train (CompreSSM, arXiv 2510.02823).
 
@@ -299,7 +375,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             running statistics of real training batches; they collect them during this many
             optimizer steps before every attempt (layers that have ``collect_statistics`` and
             ``reset_statistics()``). Statistics are reset after each attempt.
-        report_name: file name of the JSON report.
+        report_name: file name of the JSON report, written into ``output_dir`` and every checkpoint: a
+            plain name ending in ``.json`` (no folder, no ``..``, not absolute; checked at construction).
+        on_nonfinite: what to do when the training diverged or learned nothing (see below):
+            ``"warn"`` (default: skip that attempt, warn loudly, go on training) or ``"stop"`` (skip the
+            attempt and stop the training: ``control.should_training_stop = True``).
         skip_incomplete_checkpoints: when the Trainer is built (``on_init_end``), rename every
             ``checkpoint-N`` folder of ``output_dir`` that a killed process left half-written (no
             valid ``trainer_state.json`` or no weights) to ``checkpoint-N.incomplete``, so that
@@ -314,6 +394,27 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     A layer whose system cannot be reduced at an attempt (NaN/Inf parameters, unstable dynamics,
     missing statistics: any ``ValueError`` from ``lti_system()`` or the planner) is skipped with a
     warning and a ``"skipped"`` entry in the report; the model is left untouched and training goes on.
+
+    Non-finite or signal-free training is never compressed. Before planning at every attempt (and again
+    at ``on_train_end``) the callback checks the run's health; a problem skips the whole attempt (no layer
+    is cut, the event gets ``"skipped": reason`` and every layer ``"reason": "skipped: ..."``), raises a
+    :class:`NonFiniteTrainingWarning` (also logged as an error), is recorded in the report's ``"health"``
+    list and, with ``on_nonfinite="stop"``, stops the training (``"training_stopped"`` in the report).
+    The problems, each sound evidence that the model is diverging or learns nothing:
+
+    * a trainable parameter holds a NaN or an Inf (the Trainer's ``logging_nan_inf_filter``, on by
+      default, hides a NaN loss from the logged ``loss``/``train_loss``, but not from the weights);
+    * a training loss logged since the previous check is NaN/Inf (``logging_nan_inf_filter=False``);
+    * the gradient of the attempt's optimizer step (seen at ``on_pre_optimizer_step``) is exactly zero in
+      every trainable parameter: the loss gives no training signal, e.g. a causal LM fed sequences of
+      length 1, whose labels are all ignored (weight decay still moves the weights, so "the weights did
+      not change" would not catch it);
+    * every training loss logged since the previous check is exactly 0.0 (attempts only).
+
+    Only the parameters are checked at ``on_train_end``. The callback's own files (report, pragmatic
+    snapshot) are written through a temporary file and ``os.replace``; a failed write (e.g. a full disk)
+    raises :class:`~compressm_hf.trainer.report.ReportWriteError` naming the file, except right after a cut
+    (the report is rewritten at the next save), where it is a warning.
 
     Raises:
         ValueError: at construction for bad arguments; at ``on_train_begin`` for a schedule
@@ -344,6 +445,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         statistics_steps: int = 8,
         report_name: str = REPORT_NAME,
         skip_incomplete_checkpoints: bool = True,
+        on_nonfinite: str = "warn",
     ) -> None:
         if (
             isinstance(statistics_steps, bool)
@@ -374,6 +476,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if metric_for_pragmatic is not None and not isinstance(metric_for_pragmatic, str):
             raise ValueError(f"metric_for_pragmatic must be a metric name, got {metric_for_pragmatic!r}")
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
+        _check_report_name(report_name)
         self.schedule = CompressionSchedule.coerce(schedule, window=window, attempts=attempts, steps=steps)
         self.tau = None if tau is None else float(tau)
         self.mode = mode
@@ -404,6 +509,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.statistics_steps = statistics_steps
         self.report_name = report_name
         self.skip_incomplete_checkpoints = bool(skip_incomplete_checkpoints)
+        self.on_nonfinite = on_nonfinite
 
         # --- exported state (survives checkpoints; see state()) ---
         self.history: list[dict] = []  # report events
@@ -411,6 +517,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.stopped: bool = False  # pragmatic: cutting stopped after a rollback
         self.original_sizes: list[int] | None = None
         self.pending: dict | None = None  # pragmatic: {"step", "metric_before", "sizes_before"}
+        self.health: list[dict] = []  # non-finite / no-signal training noticed ({"step", "at", ...})
+        self.training_stopped: str | None = None  # on_nonfinite="stop": why the training was stopped
 
         # --- runtime only ---
         self._trainer = None
@@ -422,6 +530,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._in_precut_eval = False
         self._precut_metrics: dict | None = None
         self._unlogged: list[dict] = []
+        self._zero_gradient_at: dict[int, bool] = {}  # attempt step -> its gradient was all zero
+        self._checked_step = 0  # losses logged after this step are looked at by the next health check
+        self._warned_layers: set[tuple[str, int]] = set()  # (argument, layer_idx) warned about
 
     # ------------------------------------------------------------------ public helpers
 
@@ -457,6 +568,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             "greater_is_better": self._greater if self._metric else self.greater_is_better,
             "seed": self.seed,
             "statistics_steps": self.statistics_steps,
+            "on_nonfinite": self.on_nonfinite,
         }
 
     def report(self, model: torch.nn.Module | None = None) -> dict:
@@ -475,6 +587,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             final_sizes=final,
             events=self.history,
             stopped=self.stopped,
+            health=self.health,
+            training_stopped=self.training_stopped,
         )
 
     # ------------------------------------------------------------------ ExportableState
@@ -506,8 +620,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "greater_is_better": self.greater_is_better,
                 "seed": self.seed,
                 "log_per_layer": self.log_per_layer,
+                "statistics_steps": self.statistics_steps,
                 "report_name": self.report_name,
                 "skip_incomplete_checkpoints": self.skip_incomplete_checkpoints,
+                "on_nonfinite": self.on_nonfinite,
             },
             "attributes": jsonable(
                 {
@@ -516,6 +632,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                     "stopped": self.stopped,
                     "original_sizes": self.original_sizes,
                     "pending": self.pending,
+                    "health": self.health,
+                    "training_stopped": self.training_stopped,
                 }
             ),
         }
@@ -527,12 +645,17 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         sizes = attributes.get("original_sizes")
         self.original_sizes = None if sizes is None else [int(n) for n in sizes]
         self.pending = attributes.get("pending")
+        self.health = list(attributes.get("health") or [])
+        self.training_stopped = attributes.get("training_stopped")
 
     # ------------------------------------------------------------------ events
 
     def on_init_end(self, args, state, control, **kwargs):
         trainer = self._trainer if self._bound else find_trainer()
         self._refuse_unsupported_wrapper(trainer, args)
+        protect_hub_token(args)  # before the Trainer pickles args into any training_args.bin
+        # transformers drops ddp_timeout on CPU (gloo): make it bound every collective, DDP's own included
+        apply_ddp_timeout(getattr(args, "ddp_timeout", None))
         if self.skip_incomplete_checkpoints and args.output_dir:
             if args.should_save:
                 for old, new in quarantine_incomplete_checkpoints(args.output_dir):
@@ -543,7 +666,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                         stacklevel=2,
                     )
             if is_distributed():  # every rank must see the same checkpoint list before train()
-                torch.distributed.barrier()
+                distributed_barrier("the checkpoint-list barrier of on_init_end")
         return control
 
     def _refuse_unsupported_wrapper(self, trainer, args) -> None:
@@ -561,6 +684,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         )
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        apply_ddp_timeout(getattr(args, "ddp_timeout", None))  # a no-op unless added after on_init_end
         if not self._bound:
             self._trainer = find_trainer()
         self._refuse_unsupported_wrapper(self._trainer, args)
@@ -605,8 +729,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         else:
             self.history, self.done_steps, self.stopped, self.pending = [], [], False, None
             self.original_sizes = None
+            self.health, self.training_stopped = [], None
         self._snapshot = None
+        self._zero_gradient_at = {}
+        self._checked_step = int(state.global_step)
         sizes = [int(layer.state_size) for layer in layers]
+        self._warn_uncuttable_layers(layers)
         if self.original_sizes is None:
             self.original_sizes = sizes
         if self.history and list(self.history[-1]["sizes_after"]) != sizes:
@@ -633,6 +761,27 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         )
         return control
 
+    def _warn_uncuttable_layers(self, layers) -> None:
+        """Warn (once per layer and argument) when ``min_state_size``/``round_to`` forbid every cut of a layer."""
+        for name, value in (("min_state_size", self.min_state_size), ("round_to", self.round_to)):
+            if value <= 1:
+                continue
+            for layer in layers:
+                n, idx = int(layer.state_size), int(layer.layer_idx)
+                if value < n or (name, idx) in self._warned_layers:
+                    continue
+                self._warned_layers.add((name, idx))
+                rule = (
+                    "no layer is shrunk below it"
+                    if name == "min_state_size"
+                    else "new sizes are rounded up to a multiple of it, capped at the state size"
+                )
+                warnings.warn(
+                    f"CompreSSM: {name}={value} is not below layer {idx}'s state size {n} "
+                    f"({type(layer).__name__}): {rule}, so this layer can never be cut",
+                    stacklevel=3,
+                )
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # The optimizer step about to run ends with global_step == state.global_step + 1.
         upcoming = [t for t in self._steps if t not in self.done_steps and t > state.global_step]
@@ -643,20 +792,41 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             _set_statistics(model, collect)
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # The gradient of an attempt's optimizer step (zeroed before on_step_end): all zero = no signal.
+        upcoming = int(state.global_step) + 1
+        if model is not None and upcoming in self._steps and upcoming not in self.done_steps:
+            self._zero_gradient_at[upcoming] = _gradient_is_zero(model)
+        return control
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = int(state.global_step)
         if step not in self._steps or step in self.done_steps:
             return control
         self.done_steps.append(step)
+        # Trainer.log (our metrics, the pragmatic pre-cut evaluation) ends in on_log, which clears
+        # control.should_log: the Trainer would then drop the training-loss entry of this step.
+        log_requested = bool(control.should_log)
+        self._attempt(args, state, control, model, optimizer)
+        control.should_log = bool(control.should_log) or log_requested
+        return control
+
+    def _attempt(self, args, state, control, model, optimizer) -> None:
+        """One scheduled attempt (after the health check): evaluate/compare/cut (pragmatic) or cut."""
+        step = int(state.global_step)
+        if self.stopped:
+            return
+        problems = self._health_problems(model, state, at_attempt=True)
+        if problems:
+            self._skip_attempt(args, state, control, model, problems)
+            return
         if self.mode == "pragmatic":
-            if self.stopped:
-                return control
             metrics = self._evaluate_now()
             value = self._metric_value(metrics)
             if self.pending is not None and self._compare_and_maybe_rollback(
                 args, state, model, optimizer, value, step
             ):
-                return control
+                return
             self._snapshot = snapshot_training_state(model, optimizer, find_reducible_layers(model))
             event = self._reduce(args, state, model, optimizer)
             if event["layers_reduced"]:
@@ -667,9 +837,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 }
             else:
                 self._snapshot = None
-        elif not self.stopped:
+        else:
             self._reduce(args, state, model, optimizer)
-        return control
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, **kwargs):
         if self._in_precut_eval:
@@ -698,7 +867,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             write_report(os.path.join(checkpoint, self.report_name), self.report(kwargs.get("model")))
             if self.pending is not None and self._snapshot is not None:
-                torch.save(self._snapshot, os.path.join(checkpoint, SNAPSHOT_NAME))
+                save_torch_atomic(self._snapshot, os.path.join(checkpoint, SNAPSHOT_NAME))
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -707,9 +876,116 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "CompreSSM pragmatic: training ended before an evaluation judged the cut at step %s; it is kept",
                 self.pending["step"],
             )
+        if model is not None:
+            problems = self._health_problems(model, state, at_attempt=False)
+            if problems:
+                self._record_health(state, "train_end", "warned", problems)
         if state.is_world_process_zero and args.output_dir:
             write_report(os.path.join(args.output_dir, self.report_name), self.report(model))
         return control
+
+    # ------------------------------------------------------------------ health (non-finite / no signal)
+
+    def _health_problems(self, model, state, at_attempt: bool) -> list[str]:
+        """What says that the training diverged or learns nothing (see the class docstring); [] if healthy.
+
+        Looks at the trainable parameters, the training losses logged since the previous check and, at an
+        attempt, the gradient of the attempt's step. Rank 0 decides for every rank.
+        """
+        step = int(state.global_step)
+        problems = []
+        bad = _nonfinite_parameters(model)
+        if bad:
+            problems.append(
+                f"non-finite values (NaN/Inf) in {len(bad)} trainable parameter(s): {_describe_names(bad)}"
+            )
+        losses = [
+            (int(h.get("step", step)), float(h["loss"]))
+            for h in state.log_history
+            if _is_real(h.get("loss")) and int(h.get("step", step)) > self._checked_step
+        ]
+        nonfinite = [s for s, v in losses if not math.isfinite(v)]
+        if nonfinite:
+            problems.append(
+                f"non-finite training loss logged at step(s) {_describe_names([str(s) for s in nonfinite])}"
+            )
+        if at_attempt:
+            if self._zero_gradient_at.pop(step, False):
+                problems.append(
+                    "the gradient is exactly zero in every trainable parameter: the loss gives no training "
+                    "signal (no targets? e.g. a causal LM fed sequences of length 1 has all labels ignored)"
+                )
+            if losses and all(v == 0.0 for _, v in losses):
+                problems.append(
+                    f"the training loss is exactly 0 at every step logged since step {self._checked_step} "
+                    f"({len(losses)} entries)"
+                )
+        self._checked_step = step
+        if is_distributed():
+            (problems,) = broadcast_objects([problems], what=f"the health check of step {step}")
+        return problems
+
+    def _record_health(self, state, at: str, action: str, problems: list[str]) -> None:
+        """Record a health problem in the report and warn loudly (warning + error log)."""
+        step = int(state.global_step)
+        self.health.append({"step": step, "at": at, "action": action, "problems": list(problems)})
+        reason = "; ".join(problems)
+        if at == "train_end":
+            message = (
+                f"CompreSSM at the end of training (step {step}): {reason}. The trained model is broken "
+                "(it diverged or learned nothing); check the data for NaN/Inf features, the learning rate and "
+                "the labels"
+            )
+        else:
+            what = (
+                "stopping the training (on_nonfinite='stop')"
+                if action == "stopped"
+                else "training goes on (on_nonfinite='warn'); later attempts check again"
+            )
+            message = (
+                f"CompreSSM step {step}: {reason}. The model was not compressed at this attempt (it diverged or "
+                f"learned nothing); {what}. Check the data for NaN/Inf features, the learning rate and the labels"
+            )
+        logger.error(message)
+        warnings.warn(message, NonFiniteTrainingWarning, stacklevel=3)
+
+    def _skip_attempt(self, args, state, control, model, problems: list[str]) -> None:
+        """An attempt on a broken run: no cut; a ``"skipped"`` event, a health record, maybe stop training."""
+        step = int(state.global_step)
+        layers = find_reducible_layers(model)
+        sizes = [int(layer.state_size) for layer in layers]
+        reason = "; ".join(problems)
+        stop = self.on_nonfinite == "stop"
+        _set_statistics(model, False, reset=True)
+        event = {
+            "kind": "reduction",
+            "step": step,
+            "epoch": state.epoch,
+            "skipped": reason,
+            "sizes_before": sizes,
+            "sizes_after": sizes,
+            "layers_reduced": 0,
+            "optimizer_state": self.optimizer_state,
+            "optimizer_counts": {},
+            "wall_time_s": 0.0,
+            "layers": [
+                {
+                    "layer_idx": int(layer.layer_idx),
+                    "n_before": n,
+                    "n_after": n,
+                    "reduced": False,
+                    "reason": f"skipped: {reason}",
+                }
+                for layer, n in zip(layers, sizes)
+            ],
+        }
+        self.history.append(jsonable(event))
+        if stop:
+            control.should_training_stop = True
+            self.training_stopped = f"step {step}: {reason}"
+        self._record_health(state, "attempt", "stopped" if stop else "skipped", problems)
+        self._sync_config(model, layers)
+        self._emit(args, state, event)
 
     # ------------------------------------------------------------------ the reduction
 
@@ -746,7 +1022,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         else:
             plans, times, skipped = [None] * len(layers), [0.0] * len(layers), {}
         if is_distributed():
-            plans, times, skipped = broadcast_objects([plans, times, skipped])
+            plans, times, skipped = broadcast_objects(
+                [plans, times, skipped], what=f"the compression plan of step {step}"
+            )
         _set_statistics(model, False, reset=True)
 
         swaps = []
@@ -893,7 +1171,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         before = float(self.pending["metric_before"])
         drop = (before - value) if self._greater else (value - before)
         # every rank must take the same decision (metrics are gathered, but be safe)
-        (rollback,) = broadcast_objects([bool(drop > self.pragmatic_tolerance)])
+        (rollback,) = broadcast_objects(
+            [bool(drop > self.pragmatic_tolerance)], what=f"the rollback decision of step {state.global_step}"
+        )
         cut_step = int(self.pending["step"])
         if not rollback:
             logger.info(

@@ -10,6 +10,12 @@ Format (``format="compressm-hf/compression-report"``, ``version=1``)::
       "original_sizes": [64, 64],          # per layer (layer_idx order), at the start of training
       "final_sizes": [31, 27],             # after the last event (what the model has now)
       "stopped": false,                    # pragmatic mode: cutting stopped after a rollback
+      "training_stopped": null,            # on_nonfinite="stop": why the callback stopped the training
+      "health": [                          # non-finite / no-signal training noticed by the callback
+        {"step": 40, "at": "attempt",      # "attempt" (the attempt was skipped) or "train_end"
+         "action": "skipped",              # "skipped", "stopped" (training stopped) or "warned"
+         "problems": ["non-finite values in 3 trainable parameter(s): ..."]}
+      ],
       "events": [
         {
           "kind": "reduction",             # or "rollback" (pragmatic mode)
@@ -30,19 +36,26 @@ Format (``format="compressm-hf/compression-report"``, ``version=1``)::
           ]
         },
         {"kind": "rollback", "step": 40, "restored_step": 25, "metric": "eval_loss",
-         "metric_before": 1.20, "metric_after": 1.31, "sizes_before": [...], "sizes_after": [...]}
+         "metric_before": 1.20, "metric_after": 1.31, "sizes_before": [...], "sizes_after": [...]},
+        {"kind": "reduction", "step": 50, "skipped": "non-finite values in ...",  # an attempt skipped
+         "layers_reduced": 0, "sizes_after": [...], "layers": [{..., "reason": "skipped: ..."}]}
       ]
     }
 
-:func:`write_report` writes atomically (temporary file + ``os.replace``); :func:`read_report`
+:func:`write_report` writes atomically (temporary file + ``os.replace``), like :func:`save_torch_atomic`;
+when such a write fails (full disk, quota, torch's ``inline_container.cc`` error) they raise
+:class:`ReportWriteError` naming the file and leave the previous file intact. :func:`read_report`
 accepts a file or a directory holding ``compression_report.json`` and checks the format.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -57,11 +70,13 @@ __all__ = [
     "REPORT_FORMAT",
     "REPORT_NAME",
     "REPORT_VERSION",
+    "ReportWriteError",
     "build_report",
     "config_record",
     "event_log_payload",
     "jsonable",
     "read_report",
+    "save_torch_atomic",
     "write_report",
 ]
 
@@ -118,6 +133,8 @@ def build_report(
     final_sizes: list[int] | None,
     events: list[Mapping[str, Any]],
     stopped: bool = False,
+    health: list[Mapping[str, Any]] | None = None,
+    training_stopped: str | None = None,
 ) -> dict:
     """The report dictionary (see the module docstring)."""
     return {
@@ -128,6 +145,8 @@ def build_report(
         "original_sizes": None if original_sizes is None else [int(n) for n in original_sizes],
         "final_sizes": None if final_sizes is None else [int(n) for n in final_sizes],
         "stopped": bool(stopped),
+        "training_stopped": training_stopped,
+        "health": jsonable(list(health or [])),
         "events": jsonable(list(events)),
     }
 
@@ -139,23 +158,109 @@ def _report_path(path: str | os.PathLike) -> str:
     return path
 
 
-def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> str:
-    """Write ``report`` to ``path`` (a directory gets ``compression_report.json``). Returns the file."""
-    target = _report_path(path)
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=".compression_report.", suffix=".tmp", dir=os.path.dirname(target) or "."
-    )
+class ReportWriteError(OSError):
+    """A file of the callback (report, snapshot) could not be written; the previous file is intact.
+
+    ``errno`` is the failed write's (``ENOSPC`` for a full disk, also when torch's ``inline_container``
+    ``RuntimeError`` hides it and the disk has no space left), ``filename`` the file.
+    """
+
+    def __str__(self) -> str:  # the message names the file already; no "[Errno None]" prefix
+        return str(self.strerror)
+
+
+_FULL_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def _free_bytes(folder: str) -> int | None:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(jsonable(dict(report)), f, indent=2, sort_keys=False)
-            f.write("\n")
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def _write_error(target: str, exc: BaseException) -> ReportWriteError:
+    """The :class:`ReportWriteError` for a failed write of ``target`` (what happened, what to do)."""
+    folder = os.path.dirname(target) or "."
+    free = _free_bytes(folder)
+    code = getattr(exc, "errno", None)
+    full = code in _FULL_DISK_ERRNOS or (free is not None and free < _LOW_SPACE_BYTES)
+    space = "" if free is None else f" ({free} bytes free in {folder})"
+    if full:
+        why = f"the disk is full (no space left on the device){space}"
+        code = code if code in _FULL_DISK_ERRNOS else errno.ENOSPC
+    elif isinstance(exc, OSError):
+        why = f"the write failed{space}"
+    else:  # torch.save's RuntimeError (inline_container.cc): almost always a full disk or a quota
+        why = f"the write failed, usually because the disk is full or over quota{space}"
+    message = (
+        f"could not write {target}: {why}: {type(exc).__name__}: {exc}. The previous version of the file, if "
+        "any, is intact; free some space and resume from the last checkpoint"
+    )
+    return ReportWriteError(code, message, target)
+
+
+def _atomic_write(target: str, write, prefix: str) -> str:
+    """Call ``write(tmp_path)`` on a temporary file next to ``target``, then ``os.replace`` it onto ``target``.
+
+    Raises:
+        ReportWriteError: the write or the rename failed (``OSError``, or torch's ``RuntimeError``);
+            the temporary file is removed and ``target`` is left as it was.
+    """
+    folder = os.path.dirname(target) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _write_error(target, exc) from exc
+    try:
+        os.close(fd)
+        write(tmp)
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        _remove_quietly(tmp)
+        raise _write_error(target, exc) from exc
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove_quietly(tmp)
         raise
     return target
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> str:
+    """Write ``report`` to ``path`` (a directory gets ``compression_report.json``). Returns the file.
+
+    Raises:
+        ReportWriteError: the file could not be written (e.g. the disk is full); an earlier report
+            at ``path`` is left intact.
+    """
+    target = _report_path(path)
+    payload = jsonable(dict(report))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    return _atomic_write(target, write, ".compression_report.")
+
+
+def save_torch_atomic(obj: Any, path: str | os.PathLike) -> str:
+    """``torch.save(obj, path)`` through a temporary file and ``os.replace``. Returns the file.
+
+    Raises:
+        ReportWriteError: the file could not be written (torch's ``inline_container.cc`` error on a full
+            disk included); an earlier file at ``path`` is left intact.
+    """
+    import torch
+
+    target = os.fspath(path)
+    return _atomic_write(target, lambda tmp: torch.save(obj, tmp), f".{os.path.basename(target)}.")
 
 
 def read_report(path: str | os.PathLike) -> dict:
@@ -204,7 +309,8 @@ def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[
     """Flat ``{name: number}`` metrics of one event, for ``Trainer.log``.
 
     Keys (prefix ``compressm/``): ``mean_state_size``, ``total_state_size``, ``layers_reduced``,
-    ``reduction_time_s``, ``rolled_back`` (rollback events); per reduced layer ``i`` (if
+    ``reduction_time_s``, ``rolled_back`` (rollback events), ``attempt_skipped`` (an attempt skipped on a
+    diverged / signal-free run); per reduced layer ``i`` (if
     ``per_layer``): ``layer_{i}/state_size``, ``layer_{i}/energy_kept``, ``layer_{i}/error_bound``.
     """
     sizes = [int(n) for n in event.get("sizes_after", [])]
@@ -215,6 +321,8 @@ def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[
     if event.get("kind") == "rollback":
         out[LOG_PREFIX + "rolled_back"] = 1.0
         return out
+    if event.get("skipped"):
+        out[LOG_PREFIX + "attempt_skipped"] = 1.0
     layers = event.get("layers", [])
     out[LOG_PREFIX + "layers_reduced"] = float(sum(1 for layer in layers if layer.get("reduced")))
     if "wall_time_s" in event:

@@ -11,6 +11,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 
 import compressm_hf.trainer.callback as callback_module
 from compressm_hf.trainer import CompreSSMCallback, read_report
+from compressm_hf.trainer.callback import NonFiniteTrainingWarning
 from compressm_hf.trainer.surgery import base_optimizer
 
 from .common import make_args, make_model, make_trainer
@@ -73,13 +74,15 @@ class Losses(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+# nu_log=-30: |lambda| = exp(-exp(-30)) = 1 - 9e-14, finite but numerically marginal (non-finite parameters
+# skip the whole attempt instead: test_lru_nan_parameter_skips_the_whole_attempt)
 @pytest.mark.parametrize(
     ("value", "index", "restore", "error"),
     [
-        (float("nan"), 3, True, "InvalidSystemError"),  # a NaN (transient: repaired after the attempt)
-        (float("-inf"), 0, False, "UnstableSystemError"),  # nu_log=-inf: |lambda| = 1, left in place
+        (-30.0, 0, True, "UnstableSystemError"),  # transient: repaired after the attempt
+        (-30.0, 0, False, "UnstableSystemError"),  # left in place
     ],
-    ids=["nan", "unstable"],
+    ids=["unstable-transient", "unstable"],
 )
 def test_lru_bad_layer_is_skipped_and_training_goes_on(tmp_path, value, index, restore, error):
     model = _lru()
@@ -118,6 +121,25 @@ def test_lru_bad_layer_is_skipped_and_training_goes_on(tmp_path, value, index, r
     else:  # still unstable: skipped again, never corrupted
         assert cb.history[1]["layers"][0]["reason"].startswith(f"skipped: {error}")
         assert sizes[0] == 12
+
+
+def test_lru_nan_parameter_skips_the_whole_attempt(tmp_path):
+    model = _lru()
+    inject = Inject(step=3, value=float("nan"), index=3)
+    restore_cb = Restore(inject, restore=True)  # a transient NaN, repaired after the attempt
+    cb = CompreSSMCallback(tau=0.1, steps=[3, 6])
+    args = make_args(tmp_path, max_steps=8, logging_steps=1, per_device_train_batch_size=4)
+    trainer = make_trainer(model, args, [inject, cb, restore_cb])
+    with pytest.warns(NonFiniteTrainingWarning, match=r"layers\.0\.mixer\.nu_log.*not compressed"):
+        trainer.train()
+    first, second = cb.history
+    assert first["step"] == 3 and first["layers_reduced"] == 0 and first["sizes_after"] == [12, 12]
+    assert "non-finite" in first["skipped"]
+    # not a single layer was touched (the healthy one included)
+    for name, before in inject.layer0_before_cut.items():
+        torch.testing.assert_close(restore_cb.layer0_after_cut[name], before, rtol=0, atol=0, equal_nan=True)
+    assert second["layers_reduced"] == 2 and "skipped" not in second
+    assert read_report(tmp_path)["health"][0]["action"] == "skipped"
 
 
 def test_bf16_autocast_cut_plans_in_float64_keeps_float32(tmp_path, monkeypatch):

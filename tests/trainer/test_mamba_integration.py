@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from compressm_hf.trainer import CompreSSMCallback, read_report
+from compressm_hf.trainer.callback import NonFiniteTrainingWarning
 from compressm_hf.trainer.surgery import base_optimizer
 
 from .common import make_args, make_trainer
@@ -50,24 +52,45 @@ def test_mamba_statistics_window_and_cut(tmp_path):
     assert opt.state[mixers[0].A_log]["exp_avg"].shape == mixers[0].A_log.shape
 
 
-def test_layer_with_nan_is_skipped_and_training_goes_on(tmp_path):
+class _AtStep(TrainerCallback):
+    """Runs ``action()`` at the end of optimizer step ``step`` (before the callbacks after it)."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.action()
+
+
+def test_layer_without_statistics_is_skipped_and_training_goes_on(tmp_path):
     model = _mamba(n=8)
     mixers = [m for m in model.modules() if isinstance(m, mamba.CompreSSMMambaMixer)]
-
     cb = CompreSSMCallback(tau=0.3, steps=[4], statistics_steps=2)
-
-    from transformers import TrainerCallback
-
-    class PoisonLayer1(TrainerCallback):  # corrupt layer 1's surrogate right before the attempt
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                with torch.no_grad():
-                    mixers[1].A_log[0, 0] = float("nan")
-
-    trainer = make_trainer(model, make_args(tmp_path, max_steps=8), [PoisonLayer1(), cb])
+    # drop layer 1's surrogate statistics right before the attempt: its system cannot be built
+    trainer = make_trainer(
+        model, make_args(tmp_path, max_steps=8), [_AtStep(4, mixers[1].reset_statistics), cb]
+    )
     with pytest.warns(UserWarning, match="layer 1 skipped"):
         trainer.train()
     layers = read_report(tmp_path)["events"][0]["layers"]
     assert layers[1]["n_after"] == layers[1]["n_before"] == 8
-    assert "skipped" in layers[1]["reason"]
+    assert layers[1]["reason"].startswith("skipped: MissingStatisticsError")
     assert mixers[0].state_size < 8
+
+
+def test_nan_parameter_skips_the_whole_attempt(tmp_path):
+    model = _mamba(n=8)
+    mixers = [m for m in model.modules() if isinstance(m, mamba.CompreSSMMambaMixer)]
+    cb = CompreSSMCallback(tau=0.3, steps=[4], statistics_steps=2)
+
+    def poison():  # one NaN in layer 1 at step 3: the update of step 4 spreads it to every weight
+        mixers[1].A_log[0, 0] = float("nan")
+
+    trainer = make_trainer(model, make_args(tmp_path, max_steps=8), [_AtStep(3, poison), cb])
+    with pytest.warns(NonFiniteTrainingWarning, match=r"non-finite.*mixer\.A_log.*not compressed"):
+        trainer.train()
+    event = read_report(tmp_path)["events"][0]
+    assert "non-finite" in event["skipped"] and event["sizes_after"] == [8, 8]
+    assert [m.state_size for m in mixers] == [8, 8]
