@@ -18,7 +18,9 @@ Everything here is model-agnostic: it only sees :class:`compressm_hf.ParamSwap` 
 
 from __future__ import annotations
 
+import datetime
 import logging
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,12 +31,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OPTIMIZER_STATE_MODES",
+    "PeerTimeoutError",
+    "apply_ddp_timeout",
     "base_optimizer",
     "broadcast_objects",
     "ddp_init_kwargs",
+    "distributed_barrier",
     "distributed_rank",
     "is_distributed",
     "move_to_cpu",
+    "process_group_timeout",
     "rebuild_ddp_in_place_",
     "restore_training_state",
     "snapshot_training_state",
@@ -227,17 +233,192 @@ def move_to_cpu(obj: Any) -> Any:
     return obj
 
 
-def broadcast_objects(objects: Sequence[Any], src: int = 0) -> list[Any]:
+class PeerTimeoutError(RuntimeError):
+    """A collective of the callback did not complete: a peer rank is stalled (or dead)."""
+
+
+def _backends(group=None) -> list:
+    group = group or torch.distributed.distributed_c10d._get_default_group()
+    found = []
+    for device in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(device))
+        except (RuntimeError, ValueError, AttributeError):
+            continue
+        if backend is not None and all(backend is not b for b in found):
+            found.append(backend)
+    return found
+
+
+def process_group_timeout(group=None) -> datetime.timedelta | None:
+    """The timeout the collectives of ``group`` (default: the default group) run under, if readable.
+
+    The longest one when the group has several backends (e.g. ``cpu:gloo,cuda:nccl``).
+    """
+    if not is_distributed():
+        return None
+    timeouts = []
+    for backend in _backends(group):
+        value = getattr(getattr(backend, "options", None), "_timeout", None)
+        if isinstance(value, datetime.timedelta):
+            timeouts.append(value)
+    return max(timeouts) if timeouts else None
+
+
+def apply_ddp_timeout(ddp_timeout: float | None) -> bool:
+    """Make the default process group's collectives time out after ``ddp_timeout`` seconds.
+
+    ``TrainingArguments.ddp_timeout`` is meant to be the process group's timeout, but transformers
+    (checked with 5.24) drops it when ``use_cpu=True``: ``_setup_devices`` passes ``timeout`` to
+    accelerate's ``PartialState`` only on the accelerator path, so a CPU/gloo run gets torch's
+    30-minute default, and a stalled peer blocks the other ranks (in DDP's gradient all-reduce, in
+    the callback's plan broadcast) for 30 minutes whatever ``--ddp_timeout`` says.
+
+    The timeout is applied only when the group still has torch's *default* timeout for its backend
+    (nobody chose one); a timeout set explicitly by whoever initialised the group is kept. Returns
+    True when the timeout was changed.
+    """
+    if not is_distributed() or not ddp_timeout or ddp_timeout <= 0:
+        return False
+    wanted = datetime.timedelta(seconds=float(ddp_timeout))
+    current = process_group_timeout()
+    if current is None or current == wanted:
+        return False
+    c10d = torch.distributed.distributed_c10d
+    try:
+        default = c10d._get_default_timeout(torch.distributed.get_backend())
+    except Exception:  # an unknown/custom backend: leave it alone
+        return False
+    if current != default:
+        logger.info(
+            "CompreSSM: the process group's timeout (%s) was set explicitly; ddp_timeout=%s s is not applied",
+            current,
+            ddp_timeout,
+        )
+        return False
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    if setter is None:
+        for backend in _backends():
+            backend._set_default_timeout(wanted)
+    else:
+        setter(wanted)
+    logger.info(
+        "CompreSSM: process-group timeout set to ddp_timeout=%s s (it was torch's default %s)",
+        ddp_timeout,
+        current,
+    )
+    return True
+
+
+def _limit_text(timeout: datetime.timedelta | None) -> str:
+    return f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+
+
+def _peer_timeout(what: str, t0: float, exc: BaseException) -> PeerTimeoutError:
+    return PeerTimeoutError(
+        f"CompreSSM: {what} failed on rank {distributed_rank()} of {torch.distributed.get_world_size()} after "
+        f"{time.monotonic() - t0:.1f} s (process-group timeout {_limit_text(process_group_timeout())}, "
+        f"TrainingArguments.ddp_timeout): a peer rank is stalled or has died ({type(exc).__name__}: {exc})"
+    )
+
+
+_BARRIER_TAG = 0x5C0  # p2p tags live apart from gloo's collective slots
+
+
+def _gloo_on_cpu() -> bool:
+    from torch.distributed import ProcessGroupGloo
+
+    try:
+        backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    except (RuntimeError, ValueError, AttributeError):
+        return False
+    return isinstance(backend, ProcessGroupGloo)
+
+
+def _wait(work, seconds: float) -> bool:
+    try:
+        work.wait(datetime.timedelta(seconds=max(seconds, 0.05)))  # timedelta(0) would mean "no timeout"
+    except RuntimeError:
+        return False
+    return True
+
+
+def _monitored_barrier(timeout: datetime.timedelta) -> None:
+    """``monitored_barrier`` whose every rank honours ``timeout``; raises naming the missing ranks.
+
+    torch's ``monitored_barrier`` (2.13) bounds only rank 0's wait: with rank 0 stalled, the other ranks
+    stayed blocked well past its ``timeout`` once the group's timeout had been lowered after
+    ``init_process_group`` (their send/recv to rank 0 wait without an explicit timeout, apparently under
+    the gloo context's timeout fixed at init). Here each rank waits with an explicit timeout on
+    point-to-point messages: every rank reports to rank 0, which answers everyone with the list of ranks
+    that did not report in time.
+    """
+    dist = torch.distributed
+    rank, world, seconds = dist.get_rank(), dist.get_world_size(), timeout.total_seconds()
+    deadline = time.monotonic() + seconds
+    if rank == 0:
+        pending = {r: dist.irecv(torch.zeros(1), src=r, tag=_BARRIER_TAG) for r in range(1, world)}
+        missing = [r for r, work in pending.items() if not _wait(work, deadline - time.monotonic())]
+        verdict = torch.zeros(world)
+        verdict[missing] = 1.0
+        replies = [dist.isend(verdict, dst=r, tag=_BARRIER_TAG) for r in range(1, world) if r not in missing]
+        for work in replies:
+            _wait(work, seconds)
+    else:
+        if not _wait(dist.isend(torch.ones(1), dst=0, tag=_BARRIER_TAG), seconds):
+            raise TimeoutError(f"rank 0 did not reach the barrier within {seconds:g} s")
+        verdict = torch.zeros(world)
+        # rank 0 answers once every rank reported or the timeout passed for the missing ones
+        if not _wait(
+            dist.irecv(verdict, src=0, tag=_BARRIER_TAG), max(deadline - time.monotonic(), 0) + seconds
+        ):
+            raise TimeoutError(f"rank 0 did not answer at the barrier within {seconds:g} s")
+        missing = [int(r) for r in verdict.nonzero().flatten()]
+    if missing:
+        raise TimeoutError(
+            f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not reach the barrier "
+            f"within {seconds:g} s"
+        )
+
+
+def distributed_barrier(what: str = "barrier") -> None:
+    """A barrier that ends with :class:`PeerTimeoutError` after the process group's timeout.
+
+    With a gloo backend on the CPU every rank waits with an explicit timeout and the error names the
+    ranks that did not arrive; otherwise it is ``torch.distributed.barrier()`` (bounded by the group's
+    timeout).
+    """
+    if not is_distributed():
+        return
+    t0 = time.monotonic()
+    timeout = process_group_timeout()
+    try:
+        if timeout is not None and _gloo_on_cpu():
+            _monitored_barrier(timeout)
+        else:
+            torch.distributed.barrier()
+    except (RuntimeError, TimeoutError) as exc:
+        raise _peer_timeout(what, t0, exc) from exc
+
+
+def broadcast_objects(objects: Sequence[Any], src: int = 0, what: str = "broadcast") -> list[Any]:
     """Rank ``src``'s ``objects`` on every rank (identity when not distributed).
 
     Tensors are moved to the CPU first (``broadcast_object_list`` pickles; CPU tensors keep the
     payload backend-independent). Every rank must call this with a list of the same length.
+    A peer that does not take part within the process group's timeout ends it with
+    :class:`PeerTimeoutError` (a :func:`distributed_barrier` first, which names the missing ranks on gloo).
     """
     objects = [move_to_cpu(o) for o in objects]
     if not is_distributed():
         return objects
+    distributed_barrier(what)
     payload = list(objects)
-    torch.distributed.broadcast_object_list(payload, src=src)
+    t0 = time.monotonic()
+    try:
+        torch.distributed.broadcast_object_list(payload, src=src)
+    except RuntimeError as exc:
+        raise _peer_timeout(what, t0, exc) from exc
     return payload
 
 

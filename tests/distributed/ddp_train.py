@@ -16,6 +16,14 @@ parent kills the process: ``"before_cut"`` (``on_step_end`` of step N before Com
 ``"after_cut"`` (``on_step_end`` of step N after it), ``"mid_save"`` (inside ``_save_checkpoint`` of
 step N: weights written, optimizer and ``trainer_state.json`` not yet), ``"on_save"`` (``on_save`` of
 step N before CompreSSMCallback's: transformers' files complete, the compression report not yet).
+
+Stall hook (``stall``: ``{"rank": R, "at": "step_begin" | "before_cut", "step": N}``): rank R writes
+``{out}/STALLED_rank{R}`` (its pid) and freezes itself with SIGSTOP at ``on_step_begin`` of the
+optimizer step that ends at N, or at ``on_step_end`` of step N before CompreSSMCallback (so the peer
+enters the compression step's collectives alone). The parent SIGKILLs it. With ``stall`` set every
+rank writes ``{out}/PID_rank{r}`` (pid and process-group timeout) at ``on_train_begin`` and, if
+``train()`` raises, ``{out}/ERROR_rank{r}`` (the exception). ``ddp_timeout`` is passed to
+``TrainingArguments``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,6 +66,8 @@ DEFAULTS = {
     "bf16": False,
     "resume": None,  # True or a checkpoint path
     "crash": None,
+    "stall": None,
+    "ddp_timeout": None,  # TrainingArguments.ddp_timeout (None: its default)
     "seed": 0,
     "snapshot_steps": [],  # probe copies (model + optimizer) at on_step_end BEFORE the callback
     "after_steps": [],  # ... and at on_evaluate AFTER the callback
@@ -122,11 +133,18 @@ def _block(out: str, what: str) -> None:
         time.sleep(0.05)
 
 
+def _stall(out: str) -> None:
+    tmp = Path(out, f"STALLED_rank{rank()}.tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, Path(out, f"STALLED_rank{rank()}"))
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen, not dead: its sockets stay open
+
+
 class Before(TrainerCallback):
     """Placed before CompreSSMCallback."""
 
     def __init__(self, cfg):
-        self.cfg, self.crash = cfg, cfg["crash"] or {}
+        self.cfg, self.crash, self.stall = cfg, cfg["crash"] or {}, cfg["stall"] or {}
         self.snapshots: dict[int, dict] = {}
         self.begin: dict | None = None
 
@@ -134,12 +152,26 @@ class Before(TrainerCallback):
         self.begin = _copy(model, optimizer)
         self.begin["optimizer_state_dict"] = copy.deepcopy(base_optimizer(optimizer).state_dict())
         self.begin["global_step"] = state.global_step
+        if self.stall:
+            group = torch.distributed.distributed_c10d._get_default_group()
+            timeout = group._get_backend(torch.device("cpu")).options._timeout  # gloo
+            info = {"pid": os.getpid(), "pg_timeout_s": timeout.total_seconds()}
+            Path(args.output_dir, f"PID_rank{rank()}").write_text(json.dumps(info))
+
+    def _stalls(self, at: str, step: int) -> bool:
+        return self.stall.get("at") == at and self.stall["step"] == step and self.stall["rank"] == rank()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._stalls("step_begin", state.global_step + 1):
+            _stall(args.output_dir)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step in self.cfg["snapshot_steps"]:
             self.snapshots[state.global_step] = _copy(model, optimizer)
         if self.crash.get("at") == "before_cut" and state.global_step == self.crash["step"]:
             _block(args.output_dir, "before_cut")
+        if self._stalls("before_cut", state.global_step):
+            _stall(args.output_dir)
 
     def on_save(self, args, state, control, **kwargs):
         if self.crash.get("at") == "on_save" and state.global_step == self.crash["step"]:
@@ -202,6 +234,8 @@ def run(cfg: dict) -> dict:
         dataloader_num_workers=0,
         bf16=cfg["bf16"],
     )
+    if cfg["ddp_timeout"] is not None:
+        kwargs["ddp_timeout"] = cfg["ddp_timeout"]
     if world > 1:
         kwargs["ddp_backend"] = "gloo"
         if cfg["unused"] is not None:
@@ -235,7 +269,12 @@ def run(cfg: dict) -> dict:
             wrapped_at_end["find_unused"] = getattr(trainer.model_wrapped, "find_unused_parameters", None)
 
     trainer.add_callback(Wrapped())
-    trainer.train(resume_from_checkpoint=cfg["resume"])
+    try:
+        trainer.train(resume_from_checkpoint=cfg["resume"])
+    except BaseException as exc:
+        if cfg["stall"]:  # what ended the surviving rank, for the stall test
+            Path(out, f"ERROR_rank{rank()}").write_text(f"{type(exc).__name__}: {exc}")
+        raise
     result = {
         "name": cfg.get("name"),
         "world": world,
@@ -265,5 +304,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)  # a test can ask a blocked rank where it is
     torch.set_num_threads(1)
     main(sys.argv[1:])
