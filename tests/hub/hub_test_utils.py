@@ -135,3 +135,14 @@ def hub_env(endpoint: str, home: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",
     )
     return env
+
+
+class TinyTokens(torch.utils.data.Dataset):
+    """Eight 6-token sequences over a 32-token vocabulary (input_ids == labels), for short Trainer runs."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        ids = torch.tensor([(i + k) % 32 for k in range(6)])
+        return {"input_ids": ids, "labels": ids}

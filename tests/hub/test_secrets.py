@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hub_test_utils import GOOD_TOKEN, make_report, tiny_model
+from hub_test_utils import GOOD_TOKEN, TinyTokens, make_report, tiny_model
 
 from compressm_hf.trainer.hub import CompreSSMHubCallback, protect_hub_token, push_compressed_model
 from compressm_hf.trainer.model_card import write_model_card
@@ -35,15 +35,6 @@ def _all_commits(hub, repo_id) -> dict[str, bytes]:
         for sha, files in hub.repos[repo_id].commits.items()
         for path, data in files.items()
     }
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        ids = torch.tensor([(i + k) % 32 for k in range(6)])
-        return {"input_ids": ids, "labels": ids}
 
 
 def _args(out, **kwargs):
@@ -110,7 +101,7 @@ def test_user_trainer_with_hub_token_writes_and_pushes_no_token(fake_hub, tmp_pa
         hub_strategy="every_save",
         hub_token=GOOD_TOKEN,
     )
-    trainer = Trainer(model=tiny_model(), args=args, train_dataset=_Tokens())
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=TinyTokens())
     CompreSSMHubCallback.attach(trainer, model_type_tag="lru")
     trainer.train()
     trainer._finish_current_push()
@@ -130,5 +121,5 @@ def test_compressm_callback_protects_the_token_at_init(tmp_path):
     from compressm_hf import CompreSSMCallback
 
     args = _args(tmp_path / "o", hub_token="hf_callback_token")
-    Trainer(model=tiny_model(), args=args, train_dataset=_Tokens(), callbacks=[CompreSSMCallback(tau=0.1)])
+    Trainer(model=tiny_model(), args=args, train_dataset=TinyTokens(), callbacks=[CompreSSMCallback(tau=0.1)])
     assert args.hub_token is None and os.environ["HF_TOKEN"] == "hf_callback_token"

@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
-from hub_test_utils import GOOD_TOKEN, logits_of, make_report, tiny_model, tree_hash
+from hub_test_utils import GOOD_TOKEN, TinyTokens, logits_of, make_report, tiny_model, tree_hash
 from huggingface_hub import ModelCard
 
 from compressm_hf.trainer.hub import CompreSSMHubCallback
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        ids = torch.tensor([(i + k) % 32 for k in range(6)])
-        return {"input_ids": ids, "labels": ids}
 
 
 def test_trainer_push_to_hub_end(fake_hub, tmp_path):
@@ -40,7 +31,7 @@ def test_trainer_push_to_hub_end(fake_hub, tmp_path):
         hub_token=GOOD_TOKEN,
     )
     model = tiny_model("tiny")
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+    trainer = Trainer(model=model, args=args, train_dataset=TinyTokens())
     assert "user/trained" in fake_hub.repos  # Trainer.__init__ created the repository
     CompreSSMHubCallback.attach(
         trainer, dataset_names=["synthetic"], model_type_tag="lru", license="apache-2.0"
@@ -95,7 +86,7 @@ def test_trainer_every_save_pushes_card_from_callback(fake_hub, tmp_path):
         hub_strategy="every_save",
         hub_token=GOOD_TOKEN,
     )
-    trainer = Trainer(model=tiny_model("tiny"), args=args, train_dataset=_Tokens())
+    trainer = Trainer(model=tiny_model("tiny"), args=args, train_dataset=TinyTokens())
     CompreSSMHubCallback.attach(trainer, model_type_tag="lru")
     trainer.train()
     trainer._finish_current_push()  # the checkpoint push runs in the background

@@ -240,11 +240,16 @@ def _failing(exc):
     return fail
 
 
-def test_full_disk_while_writing_the_report_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+def _trained_with_one_cut(tmp_path):
     model = make_model()
     cb = CompreSSMCallback(tau=0.1, steps=[2])
     trainer = make_trainer(model, make_args(tmp_path, max_steps=3), [cb])
     trainer.train()
+    return model, cb, trainer
+
+
+def test_full_disk_while_writing_the_report_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    model, cb, trainer = _trained_with_one_cut(tmp_path)
     target = tmp_path / "compression_report.json"
     before = target.read_text()
     monkeypatch.setattr(
@@ -259,10 +264,7 @@ def test_full_disk_while_writing_the_report_is_a_clear_error_and_keeps_the_old_f
 
 
 def test_torch_save_failure_of_the_snapshot_says_the_write_failed(tmp_path, monkeypatch):
-    model = make_model()
-    cb = CompreSSMCallback(tau=0.1, steps=[2])
-    trainer = make_trainer(model, make_args(tmp_path, max_steps=3), [cb])
-    trainer.train()
+    model, cb, trainer = _trained_with_one_cut(tmp_path)
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
     cb.pending, cb._snapshot = {"step": 2, "metric_before": 1.0, "sizes_before": [12, 12]}, {"sizes": {}}
