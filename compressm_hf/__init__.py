@@ -1,13 +1,17 @@
 """compressm-hf: CompreSSM (arXiv 2510.02823) for Hugging Face.
 
 The control-theory core (Gramians, Hankel singular values, rank selection, balanced and modal
-truncation) imports only torch. The models and the Trainer callback import transformers and are
-loaded lazily on first access, e.g. ``compressm_hf.CompreSSMCallback``.
+truncation) imports only torch. The Trainer callback is loaded lazily on first access
+(``compressm_hf.CompreSSMCallback``). When transformers is installed, ``import compressm_hf`` also imports
+``compressm_hf.modeling``, which registers the models and the byte-level tokenizer with the Auto classes:
+after ``import compressm_hf``, ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoTokenizer`` / ``pipeline``
+load saved CompreSSM folders without ``trust_remote_code``. Without transformers only the core is there.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from .diagonal import DiagonalSystem, rediagonalize
@@ -38,6 +42,10 @@ _LAZY = {
     "CompreSSMMambaConfig": "modeling.mamba",
     "CompreSSMMambaModel": "modeling.mamba",
     "CompreSSMMambaForCausalLM": "modeling.mamba",
+    "CompreSSMMamba2Config": "modeling.mamba2",
+    "CompreSSMMamba2Model": "modeling.mamba2",
+    "CompreSSMMamba2ForCausalLM": "modeling.mamba2",
+    "CompreSSMByteTokenizer": "modeling.tokenization_bytes",
 }
 
 __all__ = [
@@ -76,8 +84,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _register_with_transformers() -> None:
+    """Import ``compressm_hf.modeling`` (it registers the Auto classes) when transformers is installed."""
+    try:
+        available = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        available = False
+    if available:
+        importlib.import_module(".modeling", __name__)
+
+
+_register_with_transformers()
+
+
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling.lru import LRUConfig, LRUForCausalLM, LRUForSequenceClassification, LRUModel  # noqa: F401
     from .modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, CompreSSMMambaModel  # noqa: F401
+    from .modeling.tokenization_bytes import CompreSSMByteTokenizer  # noqa: F401
     from .trainer.callback import CompreSSMCallback  # noqa: F401
     from .trainer.schedule import CompressionSchedule  # noqa: F401

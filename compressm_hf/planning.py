@@ -28,10 +28,10 @@ from .diagonal import rediagonalize
 from .errors import InvalidSystemError
 from .hankel import DEFAULT_JITTER
 from .protocol import LTISystem, ReductionPlan
-from .rank import RankPolicy, apply_gate, round_rank, select_rank, select_states
+from .rank import RankPolicy, _check_scores, apply_gate, round_rank, select_rank, select_states
 from .truncation import _balance, _truncate, modal_importance, modal_truncation
 
-__all__ = ["plan_reduction"]
+__all__ = ["plan_reduction", "planned_size", "rank_scores"]
 
 
 def _choose_rank(sorted_scores: torch.Tensor, policy: RankPolicy) -> tuple[int, int]:
@@ -43,6 +43,62 @@ def _choose_rank(sorted_scores: torch.Tensor, policy: RankPolicy) -> tuple[int, 
         raw = select_rank(sorted_scores, policy.tau)
     rank = min(n, max(raw, policy.min_rank))
     return round_rank(rank, policy.multiple_of, n), raw
+
+
+def planned_size(scores: torch.Tensor, policy: RankPolicy) -> int:
+    """The state size a layer has after one attempt of :func:`plan_reduction` with ``policy``.
+
+    The same decision as :func:`plan_reduction`, on the scores alone: the rank of the rule (tolerance
+    or fixed fraction), raised to ``policy.min_rank``, rounded up to ``policy.multiple_of``; ``n``
+    itself when the gate refuses the cut (``rank >= policy.gate * n``).
+
+    Args:
+        scores: ``(n,)`` real non-negative scores the rule ranks on, as :func:`rank_scores` returns
+            them (any order).
+        policy: the :class:`~compressm_hf.RankPolicy`.
+
+    Returns:
+        ``int`` in ``[1, n]``.
+    """
+    scores = _check_scores("scores", scores)
+    if scores.ndim != 1:
+        raise InvalidSystemError(f"scores must be 1-D (n,), got shape {tuple(scores.shape)}")
+    ranked = torch.sort(scores, descending=True).values
+    rank, _ = _choose_rank(ranked, policy)
+    return rank if apply_gate(rank, ranked.shape[-1], policy.gate) else int(ranked.shape[-1])
+
+
+def rank_scores(system: LTISystem) -> torch.Tensor:
+    """The scores :func:`plan_reduction` applies the rank rule to, sorted descending.
+
+    ``"balanced"`` systems: the Hankel singular values; ``"modal"`` systems: the per-state importance
+    ``sqrt(P_ii Q_ii)`` summed over the leading (channel) dims. Feeding them to :func:`planned_size`
+    gives exactly the rank :func:`plan_reduction` picks for the same system and policy.
+
+    Args:
+        system: the layer's :class:`~compressm_hf.LTISystem` (validated like in :func:`plan_reduction`).
+
+    Returns:
+        ``(n,)`` float64, descending, non-negative.
+
+    Raises:
+        InvalidSystemError / UnstableSystemError: as :func:`plan_reduction`.
+    """
+    if getattr(system, "reduction", None) == "grouped":  # Mamba-2: see compressm_hf.grouped
+        from .grouped import grouped_rank_scores
+
+        return grouped_rank_scores(system)
+    A, B, C = _validated(system)
+    with torch.no_grad():
+        if system.reduction == "modal":
+            return _modal_scores(A, B, C)[1]
+        return _balance(A, B, C, bool(system.diagonal), DEFAULT_JITTER)[0].to(torch.float64)
+
+
+def _modal_scores(A, B, C) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-state scores summed over channels ``(n,)``, the same sorted descending)."""
+    scores = modal_importance(A, B, C).reshape(-1, A.shape[-1]).sum(0)
+    return scores, torch.sort(scores, descending=True).values
 
 
 def _validated(system: LTISystem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +143,10 @@ def plan_reduction(
     """
     if not isinstance(policy, RankPolicy):
         raise InvalidSystemError(f"policy must be a RankPolicy, got {type(policy).__name__}")
+    if getattr(system, "reduction", None) == "grouped":  # Mamba-2: see compressm_hf.grouped
+        from .grouped import plan_grouped_reduction
+
+        return plan_grouped_reduction(system, policy, generator)
     A, B, C = _validated(system)
     if policy.selection == "random" and system.reduction == "balanced" and not system.diagonal:
         raise InvalidSystemError("selection='random' keeps original diagonal states; A must be diagonal")
@@ -98,8 +158,7 @@ def plan_reduction(
 
 
 def _plan_modal(A, B, C, n, policy, generator) -> ReductionPlan | None:
-    scores = modal_importance(A, B, C).reshape(-1, n).sum(0)
-    ranked = torch.sort(scores, descending=True).values
+    scores, ranked = _modal_scores(A, B, C)
     rank, raw = _choose_rank(ranked, policy)
     if not apply_gate(rank, n, policy.gate):
         return None

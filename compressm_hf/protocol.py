@@ -5,7 +5,7 @@ learn how a rank is chosen. They meet through three small records defined here:
 
 * :class:`LTISystem` -- what a reducible layer hands out: the linear system ``(A, B, C)`` whose
   Gramians decide which states matter (for selective layers: an averaged LTI surrogate), and which
-  kind of reduction the layer can absorb (``"balanced"`` or ``"modal"``).
+  kind of reduction the layer can absorb (``"balanced"``, ``"modal"`` or ``"grouped"``).
 * :class:`ReductionPlan` -- what the core hands back (see :func:`compressm_hf.plan_reduction`):
   the new rank and either a re-diagonalized reduced system (balanced truncation) or the indices of
   the diagonal states to keep (modal truncation).
@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-ReductionKind = Literal["balanced", "modal"]
+ReductionKind = Literal["balanced", "modal", "grouped"]
 
 
 @dataclass
@@ -42,6 +42,8 @@ class LTISystem:
         reduction: which reduction the owning layer can absorb. ``"balanced"``: any reduced
             system (the layer re-diagonalizes it, e.g. LRU). ``"modal"``: only a subset of its
             own diagonal states (e.g. Mamba, whose kernels need the shared diagonal ``A``).
+            ``"grouped"``: a subset of state channels per group, chosen by Hankel importance summed
+            over the group's heads (Mamba-2: dense per-head Gramians, see :mod:`compressm_hf.grouped`).
         surrogate: short description when the system is an averaged surrogate of a selective
             layer (e.g. ``"mean-dt, E[B^2], E[C^2] over 12288 tokens"``); ``None`` for exact LTI.
     """

@@ -5,10 +5,12 @@ Methods (``--methods``, any subset):
 ==================  =====================================================================================
 ``full``            the uncompressed model (``n0`` states per layer); also the teacher of kd / lora_kd and
                     the starting point of the rewinding methods
-``compressm``       ``CompreSSMCallback(tau)`` for every ``tau`` in ``--taus`` (attempts in the first 10%)
-``scratch_small``   from scratch at the sizes CompreSSM reached at ``--target-tau``
+``compressm``       ``CompreSSMCallback(tau)`` for every ``tau`` in ``--taus`` (attempts in the first 10%), and
+                    ``CompreSSMCallback(target_total_state=--budget)`` when ``--budget`` is given
+``scratch_small``   from scratch at the sizes CompreSSM reached (with ``--budget``), else at ``--target-tau``
 ``kd``              the scratch_small model distilled from ``full`` (alpha 0.5, T 2); time includes the teacher
 ``hnn``             full-size model + ``hnn_lambda * sum(sigma)`` each step, balanced truncation at ``--hnn-tau``
+                    (with ``--budget``: at the shared tau that gives CompreSSM's total state size)
 ``grad_prune``      ``|grad x param|`` state pruning to the target sizes, events every ``k`` steps in the
                     same window as CompreSSM (first 10%)
 ``rewind_lr``       ``full`` -> cut to the target sizes (modal Hankel importance) -> retrain
@@ -28,6 +30,17 @@ Tasks: ``fmnist4`` (sequential Fashion-MNIST pooled 4x: 49 steps; the default, a
 ``benchmarks/bench_lru_compression.py``), ``fmnist2`` (196 steps), ``mnist1d`` (40 steps) and ``shakespeare``
 (byte-level LM, ``LRUForCausalLM``).
 
+Equal size (``--budget N``): CompreSSM runs with a global state budget of ``N`` states summed over the layers
+(the callback finds each attempt's tau; see ``compressm_hf.budget``) and every baseline is built at the
+per-layer sizes CompreSSM reached (HNN, which picks its own split, at the same total), so the whole table
+compares methods at exactly equal size. Without ``compressm`` the baselines split ``N`` evenly over the layers.
+
+Model (``--preset NAME``): the model configuration is ``LRUConfig.NAME(...)``, e.g.
+``paper_sequence_classification`` (the official code's block: BatchNorm, hidden 8, 256 states, fan-in
+uniform init); ``--state-size``, ``--hidden-size``, ``--layers``, ``--r-min``, ``--r-max`` and ``--max-phase``
+override the preset only when given. ``--num-seeds K`` runs seeds ``0 .. K-1`` (instead of ``--seeds``); the
+table adds the paper's top-3 mean when there are at least 3 seeds.
+
 Outputs (``--out-dir``): ``benchmark_<task>.md`` (table), ``benchmark_<task>.json`` (every run + summaries) and
 ``benchmark_<task>.png`` (quality vs final mean state size; marker area ~ wall-clock).
 
@@ -36,6 +49,7 @@ Examples::
     python scripts/benchmark.py --quick                                    # ~2 min smoke run, every method
     python scripts/benchmark.py --task fmnist4 --seeds 0 1 --max-steps 300 --methods full compressm kd
     python scripts/benchmark.py --task shakespeare --methods full compressm scratch_small kd
+    python scripts/benchmark.py --task mnist1d --preset paper_sequence_classification --budget 32 --num-seeds 5
 """
 
 from __future__ import annotations
@@ -66,6 +80,16 @@ ALL_METHODS = (
     "lora_kd",
 )
 NEEDS_FULL = {"kd", "rewind_lr", "rewind_weights", "lora_kd"}
+# model flags that a --preset keeps unless they are given (their values without a preset)
+MODEL_DEFAULTS = {
+    "state_size": 64,
+    "hidden_size": 32,
+    "layers": 2,
+    "r_min": 0.5,
+    "r_max": 0.99,
+    "max_phase": math.pi / 10,
+}
+CONFIG_FIELDS = {"layers": "num_hidden_layers"}  # flag name -> LRUConfig field, where they differ
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -100,9 +124,33 @@ def is_lm(args) -> bool:
     return args.task == "shakespeare"
 
 
+def available_presets() -> list[str]:
+    """The ``LRUConfig`` classmethods that build a preset (those the base config class does not have)."""
+    from transformers import PretrainedConfig
+
+    from compressm_hf.modeling.lru import LRUConfig
+
+    own = vars(LRUConfig)
+    return sorted(
+        name
+        for name, value in own.items()
+        if isinstance(value, classmethod) and not name.startswith("_") and not hasattr(PretrainedConfig, name)
+    )
+
+
+def preset_config(args, num_labels: int):
+    """``LRUConfig.<args.preset>(...)`` with the task's labels and the model flags given on the command line."""
+    from compressm_hf.modeling.lru import LRUConfig
+
+    overrides = {CONFIG_FIELDS.get(k, k): getattr(args, k) for k in args.model_overrides}
+    return getattr(LRUConfig, args.preset)(num_labels=num_labels, **overrides)
+
+
 def base_config(args, num_labels: int):
     from compressm_hf.modeling.lru import LRUConfig
 
+    if args.preset is not None:
+        return preset_config(args, num_labels)
     common = dict(
         hidden_size=args.hidden_size,
         num_hidden_layers=args.layers,
@@ -211,6 +259,18 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def split_budget(budget: int, layers: int) -> list[int]:
+    """``budget`` states over ``layers`` layers as evenly as possible (the first layers get the remainder)."""
+    return [budget // layers + (1 if i < budget % layers else 0) for i in range(layers)]
+
+
+def hnn_truncation(args, target: list[int]) -> dict:
+    """HNNTrainer's final cut: at CompreSSM's total size under ``--budget``, else at ``--hnn-tau``/``--target-tau``."""
+    if args.budget is not None:
+        return {"truncate_budget": sum(target)}
+    return {"truncate_tau": args.hnn_tau if args.hnn_tau is not None else args.target_tau}
+
+
 # ------------------------------------------------------------------------------------------ one seed
 
 
@@ -282,9 +342,18 @@ def run_seed(args, data, seed: int, num_labels: int) -> list[dict]:
         record(f"compressm(tau={tau:g})", res, model, tau=tau)
         if tau == args.target_tau or (target is None and i == len(args.taus) - 1):
             target = state_sizes(model)
+    if args.budget is not None and "compressm" in methods:
+        model = fresh()
+        cb = CompreSSMCallback(target_total_state=args.budget, seed=seed)
+        res, _ = train(args, data, model, seed, callbacks=[cb])
+        taus = [e["budget"]["tau"] for e in cb.history if e.get("budget")]
+        record(f"compressm(budget={args.budget})", res, model, budget=args.budget, budget_taus=taus)
+        target = state_sizes(model)  # the baselines are built at exactly CompreSSM's sizes
+    elif args.budget is not None:
+        target = split_budget(args.budget, args.layers)
     if target is None:
         target = [max(1, round(args.target_fraction * args.state_size))] * args.layers
-    print(f"  target sizes for the baselines: {target}", flush=True)
+    print(f"  target sizes for the baselines: {target} (total {sum(target)})", flush=True)
 
     if "scratch_small" in methods:
         model = fresh(target)
@@ -314,7 +383,7 @@ def run_seed(args, data, seed: int, num_labels: int) -> list[dict]:
             seed,
             trainer_cls=HNNTrainer,
             hnn_lambda=args.hnn_lambda,
-            truncate_tau=args.hnn_tau if args.hnn_tau is not None else args.target_tau,
+            **hnn_truncation(args, target),
         )
         record("hnn", res, model, hnn_lambda=args.hnn_lambda)
 
@@ -365,7 +434,14 @@ def run_seed(args, data, seed: int, num_labels: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------- reporting
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def top3_mean(values: list[float], lower_is_better: bool = False) -> float | None:
+    """The paper's statistic: the mean of the best 3 seeds (None with fewer than 3)."""
+    if len(values) < 3:
+        return None
+    return statistics.fmean(sorted(values, reverse=not lower_is_better)[:3])
+
+
+def summarize(rows: list[dict], lm: bool = False) -> list[dict]:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
@@ -380,6 +456,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "n_seeds": len(rs),
                 "quality_mean": statistics.fmean(q),
                 "quality_std": statistics.stdev(q) if len(q) > 1 else 0.0,
+                "quality_top3_mean": top3_mean(q, lower_is_better=lm),
                 "mean_state_size": statistics.fmean(r["mean_state_size"] for r in rs),
                 "state_sizes": [r["state_sizes"] for r in rs],
                 "total_s_mean": statistics.fmean(t),
@@ -397,19 +474,27 @@ def markdown_table(args, summary: list[dict], command: str) -> str:
         f"`{command}`",
         "",
         f"{args.max_steps} optimizer steps per model, seeds {args.seeds}, n0={args.state_size}, "
-        f"hidden={args.hidden_size}, layers={args.layers}, batch {args.batch_size}, lr {args.lr} cosine. "
+        f"hidden={args.hidden_size}, layers={args.layers}, batch {args.batch_size}, lr {args.lr} cosine"
+        + (f", model preset LRUConfig.{args.preset}" if args.preset else "")
+        + (
+            f", state budget {args.budget} (every method at CompreSSM's sizes)"
+            if args.budget is not None
+            else ""
+        )
+        + ". "
         f"Wall-clock includes the teacher / full run for kd, lora_kd and rewinding. torch threads: "
         f"{torch.get_num_threads()}, shared CPU machine (timings are noisy).",
         "",
-        f"| method | {metric} (mean +- std) | final mean state size | per-layer sizes (seed 0) | "
+        f"| method | {metric} (mean +- std) | top-3 mean | final mean state size | per-layer sizes (first seed) | "
         "total wall-clock (s) | speed vs full |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         speed = f"{s['speed_vs_full']:.2f}x" if s["speed_vs_full"] is not None else "-"
+        top3 = f"{s['quality_top3_mean']:.4f}" if s["quality_top3_mean"] is not None else "-"
         lines.append(
-            f"| {s['method']} | {s['quality_mean']:.4f} +- {s['quality_std']:.4f} | {s['mean_state_size']:.1f} | "
-            f"{s['state_sizes'][0]} | {s['total_s_mean']:.1f} | {speed} |"
+            f"| {s['method']} | {s['quality_mean']:.4f} +- {s['quality_std']:.4f} | {top3} | "
+            f"{s['mean_state_size']:.1f} | {s['state_sizes'][0]} | {s['total_s_mean']:.1f} | {speed} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -459,24 +544,42 @@ def parse_args(argv=None):
         "--task", default="fmnist4", choices=["fmnist4", "fmnist2", "fmnist7", "mnist1d", "shakespeare"]
     )
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1)")
+    seeds.add_argument("--num-seeds", type=int, default=None, help="run seeds 0 .. K-1")
     p.add_argument("--max-steps", type=int, default=400)
-    p.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1], help="CompreSSM tau grid")
+    p.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=None,
+        help="CompreSSM tau grid (default 0.05 0.1; none with --budget)",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="global state budget (states summed over layers): CompreSSM(target_total_state=N) and every baseline "
+        "at its sizes",
+    )
+    p.add_argument(
+        "--preset", default=None, help="LRUConfig preset classmethod, e.g. paper_sequence_classification"
+    )
     p.add_argument(
         "--target-tau", type=float, default=None, help="tau whose final sizes the baselines target"
     )
     p.add_argument(
         "--target-fraction", type=float, default=0.5, help="target size / n0 when compressm is not run"
     )
-    p.add_argument("--state-size", type=int, default=64)
-    p.add_argument("--hidden-size", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--state-size", type=int, default=None, help="default 64 (or the preset's)")
+    p.add_argument("--hidden-size", type=int, default=None, help="default 32 (or the preset's)")
+    p.add_argument("--layers", type=int, default=None, help="default 2 (or the preset's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--warmup", type=float, default=0.1)
-    p.add_argument("--r-min", type=float, default=0.5)
-    p.add_argument("--r-max", type=float, default=0.99)
-    p.add_argument("--max-phase", type=float, default=math.pi / 10)
+    p.add_argument("--r-min", type=float, default=None, help="default 0.5 (or the preset's)")
+    p.add_argument("--r-max", type=float, default=None, help="default 0.99 (or the preset's)")
+    p.add_argument("--max-phase", type=float, default=None, help="default pi/10 (or the preset's)")
     p.add_argument("--max-train", type=int, default=20_000, help="train examples (LM: blocks)")
     p.add_argument("--max-test", type=int, default=2_000, help="eval examples (LM: blocks)")
     p.add_argument("--block-size", type=int, default=128, help="LM block length (bytes)")
@@ -495,6 +598,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="benchmark_results")
     p.add_argument("--quick", action="store_true", help="~2 min smoke run (tiny model, data and budget)")
     args = p.parse_args(argv)
+    resolve_model_and_budget(p, args)
     if args.quick:
         args.seeds = args.seeds[:1]
         args.max_steps = min(args.max_steps, 20)
@@ -503,9 +607,53 @@ def parse_args(argv=None):
         args.batch_size = min(args.batch_size, 16)
         args.taus = args.taus[:1]
         args.block_size = min(args.block_size, 64)
-    if args.target_tau is None:
+    if args.target_tau is None and args.taus:
         args.target_tau = args.taus[-1]
+    check_budget(p, args)
     return args
+
+
+def resolve_model_and_budget(parser, args) -> None:
+    """Fill the model flags (defaults or the preset's), the seeds and the taus; usage errors via ``parser.error``."""
+    args.model_overrides = [k for k in MODEL_DEFAULTS if getattr(args, k) is not None]
+    if args.preset is not None:
+        presets = available_presets()
+        if args.preset not in presets:
+            parser.error(
+                f"--preset {args.preset!r}: LRUConfig has no preset of that name; available: "
+                f"{', '.join(presets) or 'none'}"
+            )
+        config = preset_config(args, num_labels=2)
+        if is_lm(args) and getattr(config, "input_size", None) is not None:
+            parser.error(
+                f"--preset {args.preset} builds a model of continuous inputs (input_size={config.input_size}); "
+                f"--task {args.task} is a byte-level language model"
+            )
+        for flag in MODEL_DEFAULTS:
+            setattr(args, flag, getattr(config, CONFIG_FIELDS.get(flag, flag)))
+    else:
+        for flag, value in MODEL_DEFAULTS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, value)
+    if args.num_seeds is not None:
+        if args.num_seeds < 1:
+            parser.error(f"--num-seeds must be >= 1, got {args.num_seeds}")
+        args.seeds = list(range(args.num_seeds))
+    elif args.seeds is None:
+        args.seeds = [0, 1]
+    if args.taus is None:
+        args.taus = [] if args.budget is not None else [0.05, 0.1]
+
+
+def check_budget(parser, args) -> None:
+    """``--budget`` must leave a state per layer and be below the full model's total (usage error otherwise)."""
+    if args.budget is not None:
+        full = args.state_size * args.layers
+        if not args.layers <= args.budget < full:
+            parser.error(
+                f"--budget {args.budget}: must be at least one state per layer ({args.layers}) and below the full "
+                f"model's total state size ({args.layers} layers x {args.state_size} = {full})"
+            )
 
 
 def main(argv=None) -> int:
@@ -530,7 +678,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         rows.extend(run_seed(args, (train_ds, eval_ds), seed, num_labels))
         # written after every seed, so an interrupted run still leaves a table
-        summary = summarize(rows)
+        summary = summarize(rows, lm=is_lm(args))
         md = markdown_table(args, summary, command)
         stem.with_suffix(".md").write_text(md)
         payload = {

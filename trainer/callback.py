@@ -46,6 +46,7 @@ at optimizer-step boundaries, so never inside a gradient-accumulation cycle)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -60,8 +61,18 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
+from compressm_hf.budget import (
+    BUDGET_SCHEDULES,
+    attempt_targets,
+    budget_from_mean,
+    minimum_total,
+    tau_for_budget,
+)
+from compressm_hf.planning import rank_scores
 
+from . import defaults
 from .hub import protect_hub_token
+from .peft_io import enable_compressed_adapter_saving
 from .report import (
     REPORT_NAME,
     build_report,
@@ -72,7 +83,7 @@ from .report import (
     save_torch_atomic,
     write_report,
 )
-from .schedule import CompressionSchedule
+from .schedule import CompressionSchedule, ShortRunWarning
 from .surgery import (
     OPTIMIZER_STATE_MODES,
     apply_ddp_timeout,
@@ -332,6 +343,41 @@ def _gradient_is_zero(model: torch.nn.Module) -> bool:
     return True
 
 
+def _check_budget_args(tau, mode, target_total_state, target_mean_state, budget_schedule) -> bool:
+    """Validate the state-budget arguments of :class:`CompreSSMCallback`; True if a budget is given."""
+    if budget_schedule not in BUDGET_SCHEDULES:
+        raise ValueError(f"budget_schedule must be one of {BUDGET_SCHEDULES}, got {budget_schedule!r}")
+    if target_total_state is None and target_mean_state is None:
+        return False
+    if target_total_state is not None and target_mean_state is not None:
+        raise ValueError(
+            f"give one state budget, target_total_state ({target_total_state!r}) or target_mean_state "
+            f"({target_mean_state!r}), not both"
+        )
+    if target_total_state is not None and (
+        isinstance(target_total_state, bool)
+        or not isinstance(target_total_state, int)
+        or target_total_state < 1
+    ):
+        raise ValueError(
+            f"target_total_state must be an int >= 1 (states summed over layers), got {target_total_state!r}"
+        )
+    if target_mean_state is not None and (not _is_number(target_mean_state) or target_mean_state < 1):
+        raise ValueError(
+            f"target_mean_state must be a finite number >= 1 (states per layer), got {target_mean_state!r}"
+        )
+    if tau is not None:
+        raise ValueError(
+            f"give either tau ({tau!r}) or a state budget (target_total_state / target_mean_state), not both: with a "
+            "budget the callback finds the tau of every attempt itself"
+        )
+    if mode != "tolerance":
+        raise ValueError(
+            f"a state budget searches the tau of the tolerance rule and needs mode='tolerance', got mode={mode!r}"
+        )
+    return True
+
+
 def _describe_names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -350,9 +396,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             (or the next attempt) a metric drop larger than ``pragmatic_tolerance`` restores the
             pre-cut state exactly and stops cutting for good).
         schedule: a :class:`CompressionSchedule`, or a list of explicit optimizer steps.
-        window: ``(start, end)`` fractions of ``max_steps`` (default ``(0.0, 0.1)``).
-        attempts: equally spaced attempts inside the window (default 4, so at 2.5%, 5%,
-            7.5% and 10% of ``max_steps``).
+        window: ``(start, end)`` fractions of ``max_steps`` (default ``(0.0, 0.1)``, the paper's: the
+            learning-rate warm-up, after which 90% of training runs on the smaller model).
+        attempts: equally spaced attempts inside the window (default 4, the paper's, so at 2.5%, 5%,
+            7.5% and 10% of ``max_steps``). Every default comes from :mod:`compressm_hf.trainer.defaults`
+            (shared with ``compressm-train`` and ``compressm-analyze``), which gives the paper's reasoning.
         steps: explicit optimizer steps (overrides ``window``/``attempts``).
         gate: a layer is cut only if the new rank is ``< gate * n`` (paper: 0.95).
         min_state_size: never shrink a layer below this many states.
@@ -374,7 +422,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         statistics_steps: selective layers (Mamba) build their averaged LTI surrogate from
             running statistics of real training batches; they collect them during this many
             optimizer steps before every attempt (layers that have ``collect_statistics`` and
-            ``reset_statistics()``). Statistics are reset after each attempt.
+            ``reset_statistics()``). Statistics are reset after each attempt. A run too short for the
+            schedule (attempts closer together than this, or merged by rounding) gets one
+            :class:`~compressm_hf.trainer.schedule.ShortRunWarning` at ``on_train_begin`` naming what to
+            change (more steps, a wider window, fewer attempts or fewer statistics steps).
         report_name: file name of the JSON report, written into ``output_dir`` and every checkpoint: a
             plain name ending in ``.json`` (no folder, no ``..``, not absolute; checked at construction).
         on_nonfinite: what to do when the training diverged or learned nothing (see below):
@@ -385,9 +436,25 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             valid ``trainer_state.json`` or no weights) to ``checkpoint-N.incomplete``, so that
             ``train(resume_from_checkpoint=True)`` resumes from the last complete checkpoint instead of
             failing on (or silently half-loading) the broken one. Nothing is deleted.
+        target_total_state: a global state budget instead of ``tau``: the total state size (summed over
+            the reducible layers) the model should end at. At every attempt the callback finds the one
+            ``tau`` shared by all layers (:func:`compressm_hf.budget.tau_for_budget`, exact bisection on
+            the sigma-sum rule, respecting ``gate``, ``min_state_size`` and ``round_to``) that gives the
+            largest total not above that attempt's target, and records it in the report (``"budget"`` of the
+            event). The final attempt aims at the budget itself. Needs ``mode="tolerance"`` and no ``tau``;
+            a budget below what ``min_state_size``/``round_to``/``gate`` allow raises at ``on_train_begin``.
+        target_mean_state: the same as a mean per layer: the budget is ``floor(mean * num_layers)``.
+            Exclusive with ``target_total_state``.
+        budget_schedule: how the budget applies across attempts: ``"geometric"`` (default: attempt ``k``
+            of ``K`` aims at ``N0 * (budget / N0) ** (k / K)``, ``N0`` the original total, so each attempt
+            removes about the same fraction and the model recovers between cuts, like the paper's repeated
+            cuts) or ``"direct"`` (every attempt aims at the budget).
 
     Supported distribution: single process and DDP (``torchrun`` / ``accelerate launch --multi_gpu``,
     including gloo on CPU): rank 0 plans, every rank applies the same cut, DDP is rebuilt in place.
+    Pass ``TrainingArguments(ddp_find_unused_parameters=False)`` when every parameter gets a gradient (true of
+    the LRU and Mamba models here, which ``compressm-train`` sets): transformers' default (True) makes DDP
+    search for unused parameters every step and warn about it on every rank.
     FSDP and DeepSpeed shard or flatten parameters and cannot be resized by a callback: they are
     refused (``ValueError`` when the Trainer is built and at ``on_train_begin``).
 
@@ -425,27 +492,30 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def __init__(
         self,
         tau: float | None = None,
-        mode: str = "tolerance",
+        mode: str = defaults.MODE,
         *,
         schedule: CompressionSchedule | Sequence[int] | None = None,
         window: Sequence[float] | None = None,
         attempts: int | None = None,
         steps: Sequence[int] | None = None,
-        gate: float = 0.95,
-        min_state_size: int = 1,
-        round_to: int = 1,
-        selection: str = "largest",
-        fixed_fraction: float = 0.1,
-        optimizer_state: str = "slice",
-        pragmatic_tolerance: float = 0.02,
+        gate: float = defaults.GATE,
+        min_state_size: int = defaults.MIN_STATE_SIZE,
+        round_to: int = defaults.ROUND_TO,
+        selection: str = defaults.SELECTION,
+        fixed_fraction: float = defaults.FIXED_FRACTION,
+        optimizer_state: str = defaults.OPTIMIZER_STATE,
+        pragmatic_tolerance: float = defaults.PRAGMATIC_TOLERANCE,
         metric_for_pragmatic: str | None = None,
         greater_is_better: bool | None = None,
         seed: int = 0,
         log_per_layer: bool = True,
-        statistics_steps: int = 8,
+        statistics_steps: int = defaults.STATISTICS_STEPS,
         report_name: str = REPORT_NAME,
         skip_incomplete_checkpoints: bool = True,
         on_nonfinite: str = "warn",
+        target_total_state: int | None = None,
+        target_mean_state: float | None = None,
+        budget_schedule: str = "geometric",
     ) -> None:
         if (
             isinstance(statistics_steps, bool)
@@ -461,9 +531,13 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}"
             )
-        if mode == "tolerance":
+        budget_given = _check_budget_args(tau, mode, target_total_state, target_mean_state, budget_schedule)
+        if mode == "tolerance" and not budget_given:
             if tau is None:
-                raise ValueError("mode='tolerance' needs tau, the discarded fraction of sum(HSV), in [0, 1)")
+                raise ValueError(
+                    "mode='tolerance' needs tau, the discarded fraction of sum(HSV), in [0, 1) (or a state "
+                    "budget: target_total_state=... / target_mean_state=...)"
+                )
             if not _is_number(tau) or not 0.0 <= float(tau) < 1.0:
                 raise ValueError(
                     f"tau must be a number in [0, 1) (discarded fraction of sum(HSV)), got {tau!r}"
@@ -484,7 +558,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.mode = mode
         try:
             self.policy = RankPolicy(
-                tau=self.tau if mode == "tolerance" else 0.0,
+                tau=self.tau if mode == "tolerance" and self.tau is not None else 0.0,  # budget: per attempt
                 mode="tolerance" if mode == "tolerance" else "fixed",
                 gate=gate,
                 min_rank=min_state_size,
@@ -510,6 +584,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.report_name = report_name
         self.skip_incomplete_checkpoints = bool(skip_incomplete_checkpoints)
         self.on_nonfinite = on_nonfinite
+        self.target_total_state = None if target_total_state is None else int(target_total_state)
+        self.target_mean_state = None if target_mean_state is None else float(target_mean_state)
+        self.budget_schedule = budget_schedule
 
         # --- exported state (survives checkpoints; see state()) ---
         self.history: list[dict] = []  # report events
@@ -533,6 +610,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._zero_gradient_at: dict[int, bool] = {}  # attempt step -> its gradient was all zero
         self._checked_step = 0  # losses logged after this step are looked at by the next health check
         self._warned_layers: set[tuple[str, int]] = set()  # (argument, layer_idx) warned about
+        self._budget_total: int | None = None  # the state budget as a total (set at on_train_begin)
 
     # ------------------------------------------------------------------ public helpers
 
@@ -569,6 +647,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             "seed": self.seed,
             "statistics_steps": self.statistics_steps,
             "on_nonfinite": self.on_nonfinite,
+            "target_total_state": self.target_total_state,
+            "target_mean_state": self.target_mean_state,
+            "budget_schedule": self.budget_schedule,
+            "budget_total": self._budget_total,
         }
 
     def report(self, model: torch.nn.Module | None = None) -> dict:
@@ -624,6 +706,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "report_name": self.report_name,
                 "skip_incomplete_checkpoints": self.skip_incomplete_checkpoints,
                 "on_nonfinite": self.on_nonfinite,
+                "target_total_state": self.target_total_state,
+                "target_mean_state": self.target_mean_state,
+                "budget_schedule": self.budget_schedule,
             },
             "attributes": jsonable(
                 {
@@ -696,20 +781,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 f"{type(model).__name__} has no reducible SSM layer (no module implements lti_system(), reduce_() "
                 "and layer_idx); CompreSSMCallback has nothing to compress"
             )
+        enable_compressed_adapter_saving(model)  # peft: adapters carry the reduced base tensors
         self._steps = self.schedule.resolve(state.max_steps)
-        gaps = [b - a for a, b in zip([0, *self._steps], self._steps)]
-        if (
-            gaps
-            and min(gaps) < self.statistics_steps
-            and any(hasattr(m, "collect_statistics") for m in find_reducible_layers(model))
-        ):
-            logger.warning(
-                "CompreSSM: attempts at steps %s leave only %d optimizer steps before some attempt, fewer than "
-                "statistics_steps=%d; selective layers will build their surrogate from fewer batches",
-                self._steps,
-                min(gaps),
+        if state.is_world_process_zero and any(t > state.global_step for t in self._steps):
+            advice = self.schedule.short_run_advice(
+                state.max_steps,
                 self.statistics_steps,
+                needs_statistics=any(hasattr(m, "collect_statistics") for m in layers),
             )
+            if advice is not None:
+                warnings.warn(advice, ShortRunWarning, stacklevel=2)
         if self.mode == "pragmatic":
             self._check_pragmatic(args)
 
@@ -737,6 +818,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._warn_uncuttable_layers(layers)
         if self.original_sizes is None:
             self.original_sizes = sizes
+        self._resolve_budget(sizes)
         if self.history and list(self.history[-1]["sizes_after"]) != sizes:
             warnings.warn(
                 f"the model's state sizes {sizes} differ from the last recorded compression event "
@@ -760,6 +842,36 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             sizes,
         )
         return control
+
+    def _resolve_budget(self, sizes: list[int]) -> None:
+        """``self._budget_total`` from the budget arguments; raise if the policy cannot reach it (on_train_begin)."""
+        self._budget_total = None
+        if self.target_total_state is None and self.target_mean_state is None:
+            return
+        if self.target_total_state is not None:
+            total = self.target_total_state
+        else:
+            total = budget_from_mean(self.target_mean_state, len(sizes))
+        floor = minimum_total(sizes, self.policy)
+        if total < floor:
+            asked = (
+                f"target_total_state={total}"
+                if self.target_total_state is not None
+                else f"target_mean_state={self.target_mean_state} (a total of {total} over {len(sizes)} layers)"
+            )
+            raise ValueError(
+                f"the state budget {asked} is unreachable: with min_state_size={self.min_state_size}, "
+                f"round_to={self.round_to} and gate={self.gate}, the {len(sizes)} layers of sizes {sizes} cannot go "
+                f"below a total of {floor}; raise the budget or lower min_state_size / round_to"
+            )
+        original = list(self.original_sizes or sizes)
+        if total >= sum(original):
+            warnings.warn(
+                f"CompreSSM: the state budget {total} is not below the model's total state size {sum(original)} "
+                f"(sizes {original}): nothing will be cut",
+                stacklevel=3,
+            )
+        self._budget_total = total
 
     def _warn_uncuttable_layers(self, layers) -> None:
         """Warn (once per layer and argument) when ``min_state_size``/``round_to`` forbid every cut of a layer."""
@@ -997,33 +1109,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     @torch.no_grad()
     def _reduce(self, args, state, model, optimizer) -> dict:
         step = int(state.global_step)
-        t_event = time.perf_counter()
+        t_event, cpu_event = time.perf_counter(), time.process_time()
         layers = find_reducible_layers(model)
         sizes_before = [int(layer.state_size) for layer in layers]
         if distributed_rank() == 0:
-            plans, times = [], []
-            skipped = {}
-            for layer in layers:
-                t0 = time.perf_counter()
-                try:
-                    system = layer.lti_system()
-                    _check_pole_margin(system)
-                    plan = plan_reduction(system, self.policy, self._event_generator(step, layer.layer_idx))
-                except ValueError as exc:  # NaN/Inf, unstable dynamics, missing statistics ...
-                    plan = None
-                    skipped[int(layer.layer_idx)] = f"{type(exc).__name__}: {exc}"
-                    warnings.warn(
-                        f"CompreSSM step {step}: layer {layer.layer_idx} skipped, its system cannot be reduced "
-                        f"({type(exc).__name__}: {exc}); the layer is left unchanged",
-                        stacklevel=2,
-                    )
-                plans.append(plan)
-                times.append(time.perf_counter() - t0)
+            plans, times, skipped, budget = self._plan_layers(step, layers)
         else:
-            plans, times, skipped = [None] * len(layers), [0.0] * len(layers), {}
+            plans, times, skipped, budget = [None] * len(layers), [0.0] * len(layers), {}, None
         if is_distributed():
-            plans, times, skipped = broadcast_objects(
-                [plans, times, skipped], what=f"the compression plan of step {step}"
+            plans, times, skipped, budget = broadcast_objects(
+                [plans, times, skipped, budget], what=f"the compression plan of step {step}"
             )
         _set_statistics(model, False, reset=True)
 
@@ -1034,7 +1129,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             record = {"layer_idx": int(layer.layer_idx), "n_before": n, "n_after": n, "reduced": False}
             if plan is None:
                 idx = int(layer.layer_idx)
-                record["reason"] = f"skipped: {skipped[idx]}" if idx in skipped else "gate"
+                within = budget is not None and budget.get("within_budget")
+                record["reason"] = (
+                    f"skipped: {skipped[idx]}" if idx in skipped else ("budget met" if within else "gate")
+                )
             else:
                 t0 = time.perf_counter()
                 layer_swaps = list(layer.reduce_(plan))
@@ -1077,13 +1175,103 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             "optimizer_state": self.optimizer_state,
             "optimizer_counts": counts,
             "wall_time_s": time.perf_counter() - t_event,
+            "cpu_time_s": time.process_time() - cpu_event,  # process CPU time, all threads
             "layers": records,
         }
+        if budget is not None:
+            event["budget"] = budget
         self.history.append(jsonable(event))
         self._sync_config(model, layers)
         self._emit(args, state, event)
         logger.info("CompreSSM step %d: state sizes %s -> %s", step, sizes_before, sizes_after)
         return event
+
+    def _plan_layers(self, step: int, layers) -> tuple[list, list[float], dict[int, str], dict | None]:
+        """Rank 0's plans of one attempt: ``(plans, seconds per layer, {layer_idx: why skipped}, budget record)``.
+
+        Without a budget every layer is planned with ``self.policy``. With one, every layer's rank scores
+        are computed first, :func:`~compressm_hf.budget.tau_for_budget` finds the attempt's shared ``tau``
+        for this attempt's target (:func:`~compressm_hf.budget.attempt_targets`; layers skipped here keep
+        their size and count against it), and every layer is planned with that ``tau``. A layer whose
+        system cannot be reduced (any ``ValueError``: NaN/Inf, unstable, missing statistics) is skipped.
+        """
+        times = [0.0] * len(layers)
+        skipped: dict[int, str] = {}
+        systems: dict[int, tuple] = {}  # position -> (system, rank scores or None)
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            try:
+                system = layer.lti_system()
+                _check_pole_margin(system)
+                systems[i] = (system, rank_scores(system) if self._budget_total is not None else None)
+            except ValueError as exc:  # NaN/Inf, unstable dynamics, missing statistics ...
+                self._skip_layer(step, layer, exc, skipped)
+            times[i] += time.perf_counter() - t0
+        policy, budget = self.policy, None
+        if self._budget_total is not None:
+            policy, budget = self._budget_policy(step, layers, systems)
+        plans: list = [None] * len(layers)
+        for i, layer in enumerate(layers):
+            if i not in systems or (budget is not None and budget["within_budget"]):
+                continue
+            t0 = time.perf_counter()
+            try:
+                plans[i] = plan_reduction(systems[i][0], policy, self._event_generator(step, layer.layer_idx))
+            except ValueError as exc:
+                self._skip_layer(step, layer, exc, skipped)
+            times[i] += time.perf_counter() - t0
+        return plans, times, skipped, budget
+
+    @staticmethod
+    def _skip_layer(step: int, layer, exc: ValueError, skipped: dict[int, str]) -> None:
+        skipped[int(layer.layer_idx)] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"CompreSSM step {step}: layer {layer.layer_idx} skipped, its system cannot be reduced "
+            f"({type(exc).__name__}: {exc}); the layer is left unchanged",
+            stacklevel=3,
+        )
+
+    def _budget_policy(self, step: int, layers, systems: dict[int, tuple]) -> tuple[RankPolicy, dict]:
+        """The policy of this attempt under the state budget, and the report's ``"budget"`` record."""
+        attempt = self._steps.index(step) + 1 if step in self._steps else len(self._steps)
+        attempts = max(1, len(self._steps))
+        original = sum(self.original_sizes or [int(layer.state_size) for layer in layers])
+        target = attempt_targets(original, self._budget_total, attempts, self.budget_schedule)[attempt - 1]
+        current = sum(int(layer.state_size) for layer in layers)
+        fixed = sum(int(layer.state_size) for i, layer in enumerate(layers) if i not in systems)
+        record = {
+            "target_total_state": self._budget_total,
+            "schedule": self.budget_schedule,
+            "attempt": attempt,
+            "attempts": attempts,
+            "attempt_target": target,
+            "total_before": current,
+            "within_budget": current <= target or not systems,
+            "tau": None,
+        }
+        if record["within_budget"]:
+            return self.policy, record
+        solution = tau_for_budget(
+            [systems[i][1] for i in sorted(systems)],
+            max(1, target - fixed),
+            self.policy,
+            on_unreachable="closest",
+        )
+        record.update(
+            tau=solution.tau,
+            tau_interval=list(solution.tau_interval),
+            planned_total=solution.total + fixed,
+            met=solution.total + fixed <= target,
+        )
+        if not record["met"]:
+            warnings.warn(
+                f"CompreSSM step {step}: attempt {attempt}/{attempts} aims at a total state size of {target} but "
+                f"can reach only {record['planned_total']} (min_state_size={self.min_state_size}, round_to="
+                f"{self.round_to}, gate={self.gate}, {len(layers) - len(systems)} layer(s) skipped); cutting as far "
+                "as allowed",
+                stacklevel=3,
+            )
+        return dataclasses.replace(self.policy, tau=solution.tau), record
 
     def _sync_config(self, model, layers) -> None:
         config = getattr(model, "config", None)
@@ -1103,7 +1291,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                     sizes[idx] = int(layer.state_size)
             config.state_sizes = sizes
         config.compression = config_record(
-            tau=self.tau, mode=self.mode, original_sizes=self.original_sizes, events=self.history
+            tau=self.tau,
+            mode=self.mode,
+            original_sizes=self.original_sizes,
+            events=self.history,
+            target_total_state=self._budget_total,
         )
 
     def _emit(self, args, state, event: dict) -> None:

@@ -7,6 +7,12 @@ metadata carries ``library_name``, tags, ``pipeline_tag``, datasets, ``base_mode
 ``compressm`` block with the state sizes, so the Hub can filter on it and scripts can read it back with
 ``ModelCard.load``.
 
+The "How to use" section is a runnable ``pipeline`` / ``generate`` snippet when the folder holds the byte-level
+tokenizer (``tokenizer_config.json`` of ``CompreSSMByteTokenizer``); ``write_model_card`` saves that tokenizer
+into the folder of a CompreSSM causal LM with a 256-byte vocabulary that has none. The error column says what
+the number is for the reduction rule used: an H-infinity bound for balanced truncation of an LTI layer (LRU), a
+heuristic estimate for the averaged surrogate of a selective layer (Mamba).
+
 The card is meant to be pushed, so it names no local path: the folder's absolute path in the summaries is
 written relative to the folder (``<folder>/checkpoint-10`` -> ``checkpoint-10``, ``<folder>`` -> ``./``; see
 :func:`relative_to_folder`).
@@ -40,6 +46,7 @@ __all__ = [
     "build_model_card",
     "load_report",
     "relative_to_folder",
+    "save_byte_tokenizer",
     "write_model_card",
 ]
 
@@ -62,6 +69,25 @@ CITATION = """@inproceedings{chahine2026compressm,
 _MODEL_TYPES = {"compressm_lru": "lru", "compressm_mamba": "mamba"}
 # classes exported by compressm_hf (lazily), usable in the "with compressm-hf installed" snippet
 _PACKAGE_CLASSES = {"LRUForCausalLM", "LRUForSequenceClassification", "CompreSSMMambaForCausalLM"}
+# causal LMs of ours that compressm-train trains on raw bytes (they get the byte-level tokenizer)
+_BYTE_LM_CLASSES = {"LRUForCausalLM", "CompreSSMMambaForCausalLM"}
+BYTE_TOKENIZER_CLASS = "CompreSSMByteTokenizer"
+# what the report's ``error_bound`` is, per reduction rule: (column name, sentence for the card)
+_ERROR_MEANING = {
+    "balanced": (
+        "error bound",
+        "for balanced truncation (rule `balanced`, the LRU's linear time-invariant layer) the *error bound* is "
+        "the exact balanced-truncation bound on the H∞ norm of the layer's error, twice the sum of the "
+        "discarded HSVs",
+    ),
+    "modal": (
+        "error estimate",
+        "for the selective Mamba layer (rule `modal`) the *error estimate* is twice the sum of the discarded "
+        "states' Hankel importances: an error estimate (heuristic, from the averaged LTI surrogate), not a "
+        "bound, since the layer's input-dependent dynamics are not the surrogate and a kept subset of states "
+        "is not a balanced truncation",
+    ),
+}
 
 
 def _template_path() -> Path:
@@ -104,13 +130,58 @@ def relative_to_folder(text: str | None, folder: str | os.PathLike) -> str | Non
     return text
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    """``folder/name`` as a dict (``{}`` when it is missing or not a JSON object)."""
     try:
-        with open(folder / "config.json", encoding="utf-8") as f:
+        with open(folder / name, encoding="utf-8") as f:
             config = json.load(f)
         return config if isinstance(config, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _error_meaning(report: Mapping[str, Any] | None, model_type_tag: str | None) -> dict[str, str]:
+    """The error column's name and the sentence saying what it is, for the rules used in ``report``.
+
+    Reports that name no known rule fall back on the architecture (LRU: balanced, Mamba: modal).
+    """
+    rules = sorted(
+        {
+            layer.get("rule")
+            for event in normalize_report(report or {}).get("events", [])
+            for layer in event.get("layers", [])
+            if layer.get("rule") in _ERROR_MEANING
+        }
+    ) or [rule for tag, rule in (("lru", "balanced"), ("mamba", "modal")) if tag == model_type_tag]
+    if not rules:
+        return {
+            "error_column": "error bound",
+            "error_note": "The *error bound* is twice the sum of the discarded HSVs (an H∞ bound for balanced "
+            "truncation of a linear time-invariant layer; a heuristic estimate for a selective one).",
+        }
+    names = sorted({_ERROR_MEANING[rule][0] for rule in rules})
+    sentences = "; ".join(_ERROR_MEANING[rule][1] for rule in rules)
+    return {"error_column": " / ".join(names), "error_note": sentences[0].upper() + sentences[1:] + "."}
+
+
+def _is_byte_lm(config: Mapping[str, Any]) -> bool:
+    """A causal LM of ours with one id per byte (what ``compressm-train`` trains)."""
+    architectures = config.get("architectures") or []
+    return bool(architectures) and architectures[0] in _BYTE_LM_CLASSES and config.get("vocab_size") == 256
+
+
+def save_byte_tokenizer(folder: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Save ``CompreSSMByteTokenizer`` (with ``config``'s special byte ids) into ``folder``.
+
+    Args:
+        folder: a saved model folder.
+        config: its ``config.json`` as a dict (``vocab_size`` >= 256, ``bos/eos/pad_token_id`` bytes or None).
+    """
+    from types import SimpleNamespace
+
+    from compressm_hf.modeling.tokenization_bytes import CompreSSMByteTokenizer
+
+    CompreSSMByteTokenizer.for_model_config(SimpleNamespace(**config)).save_pretrained(folder)
 
 
 def _format_fraction(value: Any) -> str:
@@ -136,7 +207,7 @@ def _format_number(value: Any) -> str:
     return str(value)
 
 
-def _compression_context(report: Mapping[str, Any]) -> dict[str, Any]:
+def _compression_context(report: Mapping[str, Any], model_type_tag: str | None = None) -> dict[str, Any]:
     norm = normalize_report(report)
     original, final = norm["original_state_sizes"], norm["final_state_sizes"]
     rows = []
@@ -188,6 +259,7 @@ def _compression_context(report: Mapping[str, Any]) -> dict[str, Any]:
         "mode_value": norm["mode"],
         "original_state_sizes": original,
         "final_state_sizes": final,
+        **_error_meaning(report, model_type_tag),
     }
 
 
@@ -214,11 +286,14 @@ def build_model_card(
     config: Mapping[str, Any] | None = None,
     plots: Iterable[tuple[str, str]] = (),
     training_summary: str | None = None,
+    tokenizer_config: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Build the card in memory; ``write_model_card`` is the usual entry point.
 
     ``config`` is the model's ``config.json`` as a dict (used to pick the tag, auto class and pipeline tag);
-    ``plots`` is a sequence of ``(file name, alt text)`` pairs relative to the card.
+    ``tokenizer_config`` its ``tokenizer_config.json`` (the byte-level tokenizer makes "How to use" a
+    ``pipeline`` / ``generate`` snippet on raw UTF-8 bytes); ``plots`` is a sequence of ``(file name, alt
+    text)`` pairs relative to the card.
     """
     config = dict(config or {})
     model_type = config.get("model_type")
@@ -242,8 +317,15 @@ def build_model_card(
     package_class = architecture if architecture in _PACKAGE_CLASSES else None
     # Without a config we cannot tell; saved CompreSSM models normally carry their code (auto_map).
     remote_code = bool(auto_map) or not config
+    tokenizer_config = dict(tokenizer_config or {})
+    byte_tokenizer = (
+        tokenizer_config.get("tokenizer_class") == BYTE_TOKENIZER_CLASS
+        and auto_class == "AutoModelForCausalLM"
+    )
+    if byte_tokenizer:  # the snippet loads the tokenizer too: remote only if both carry their code
+        remote_code = bool(auto_map) and "AutoTokenizer" in (tokenizer_config.get("auto_map") or {})
 
-    compression = _compression_context(report) if report else None
+    compression = _compression_context(report, model_type_tag) if report else None
     card_tags = ["compressm", "state-space-model"]
     if model_type_tag:
         card_tags.append(model_type_tag)
@@ -305,6 +387,7 @@ def build_model_card(
         auto_class=auto_class,
         package_class=package_class,
         remote_code=remote_code,
+        byte_tokenizer=byte_tokenizer,
         repo_id=repo_id,
         training_summary=training_summary,
         citation=CITATION,
@@ -350,6 +433,7 @@ def write_model_card(
     make_plots: bool = True,
     max_steps: int | None = None,
     config: Mapping[str, Any] | None = None,
+    save_tokenizer: bool | None = None,
 ) -> ModelCard:
     """Write ``README.md`` (and the report and plots) into a saved model folder and return the card.
 
@@ -370,6 +454,9 @@ def write_model_card(
             with a warning without it). Plots already in the folder are embedded either way.
         max_steps: the length of training, for the x axis of the state-size plot.
         config: the model config as a dict; default: ``save_directory/config.json`` if there is one.
+        save_tokenizer: save the byte-level tokenizer (``CompreSSMByteTokenizer``) into the folder. ``None``
+            (default): only for a CompreSSM causal LM with ``vocab_size`` 256 whose folder has no
+            ``tokenizer_config.json`` yet.
     """
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -394,11 +481,19 @@ def write_model_card(
     plots = [
         (name, alt)
         for name, alt in (
-            (HSV_PLOT_NAME, "Hankel singular value spectra at the first compression event, with the cut"),
+            (HSV_PLOT_NAME, "Hankel singular value spectra at every compression event, with each cut"),
             (STATE_SIZES_PLOT_NAME, "State size of each layer during training"),
         )
         if (folder / name).is_file()
     ]
+    config = dict(config) if config is not None else _read_config(folder)
+    if save_tokenizer is None and _is_byte_lm(config) and not (folder / "tokenizer_config.json").is_file():
+        try:
+            save_byte_tokenizer(folder, config)
+        except ValueError as err:  # e.g. a special token id that is not a byte: no tokenizer, no bytes claim
+            warnings.warn(f"No byte-level tokenizer saved in {folder.name}: {err}", stacklevel=2)
+    elif save_tokenizer:
+        save_byte_tokenizer(folder, config)
     card = build_model_card(
         report=report,
         metrics=metrics,
@@ -412,9 +507,10 @@ def write_model_card(
         model_summary=relative_to_folder(model_summary, folder),
         language=language,
         tags=tags,
-        config=dict(config) if config is not None else _read_config(folder),
+        config=config,
         plots=plots,
         training_summary=relative_to_folder(training_summary, folder),
+        tokenizer_config=_read_config(folder, "tokenizer_config.json"),
     )
     card.save(folder / "README.md")
     logger.info("Wrote the model card to %s", folder / "README.md")

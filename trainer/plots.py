@@ -1,4 +1,4 @@
-"""Plots of a compression report: Hankel singular value spectra and state sizes over training.
+"""Plots of a compression report: Hankel singular value spectra (every event) and state sizes over training.
 
 Both functions take the dict stored in ``compression_report.json`` (see ``trainer/report.py``) and write a
 PNG. matplotlib is an optional dependency (``pip install compressm-hf[plots]``) and is imported only when a
@@ -16,6 +16,8 @@ from typing import Any
 __all__ = [
     "HSV_PLOT_NAME",
     "STATE_SIZES_PLOT_NAME",
+    "events_per_layer",
+    "hsv_spectra_figure",
     "normalize_report",
     "plot_hsv_spectra",
     "plot_state_sizes",
@@ -25,7 +27,6 @@ HSV_PLOT_NAME = "hsv_spectra.png"
 STATE_SIZES_PLOT_NAME = "state_sizes.png"
 
 _DPI = 120
-_KEEP_COLOR = "#1f77b4"
 _DROP_COLOR = "#d62728"
 
 
@@ -129,17 +130,6 @@ def normalize_report(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def first_event_per_layer(report: Mapping[str, Any]) -> dict[int, tuple[int, Mapping[str, Any]]]:
-    """``{layer: (step, layer_entry)}``: the first event that cut each layer (else the first that tried)."""
-    first: dict[int, tuple[int, Mapping[str, Any]]] = {}
-    for event in normalize_report(report)["events"]:
-        for entry in event["layers"]:
-            layer = entry["layer"]
-            if layer not in first or (entry["reduced"] and not first[layer][1]["reduced"]):
-                first[layer] = (event["step"], entry)
-    return dict(sorted(first.items()))
-
-
 def state_size_history(report: Mapping[str, Any]) -> tuple[list[int], dict[int, list[int]]]:
     """Steps ``[0, step_1, step_2, ...]`` and, per layer, its state size from each of those steps on.
 
@@ -170,72 +160,109 @@ def _grid(n_panels: int, max_cols: int = 4) -> tuple[int, int]:
     return math.ceil(n_panels / ncols), ncols
 
 
-def plot_hsv_spectra(report: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """Draw one panel per layer: its Hankel singular values at the first compression event, with the cut.
+def events_per_layer(report: Mapping[str, Any]) -> dict[int, list[tuple[int, Mapping[str, Any]]]]:
+    """``{layer: [(step, layer_entry), ...]}``: every event that planned each layer (its entry holds an HSV
+    spectrum), in step order. Attempts where the layer was skipped or gated without a spectrum are left out."""
+    found: dict[int, list[tuple[int, Mapping[str, Any]]]] = {}
+    for event in normalize_report(report)["events"]:
+        for entry in event["layers"]:
+            if entry.get("hsv"):
+                found.setdefault(entry["layer"], []).append((event["step"], entry))
+    return dict(sorted(found.items()))
 
-    The y axis is logarithmic; states are numbered 1..n_before in decreasing HSV order. A dashed line
-    separates the ``n_after`` kept states from the discarded ones, whose region is shaded. Returns ``path``.
+
+def _finite_for_log(hsv: Sequence[float]) -> list[float]:
+    """``hsv`` with zeros / NaN / Inf replaced by a floor below the smallest positive value (log axis)."""
+    values = [float(v) for v in hsv]
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    floor = min(positive) * 1e-3 if positive else 1e-12
+    return [v if v > 0 and math.isfinite(v) else floor for v in values]
+
+
+def hsv_spectra_figure(report: Mapping[str, Any]):
+    """The figure of :func:`plot_hsv_spectra` (a ``matplotlib.figure.Figure``, not saved).
+
+    One panel per layer; in it, the spectrum of every compression event that planned the layer, one color
+    per event from light (first) to dark (last), each labelled ``step S: n_before -> n_after`` with the
+    energy kept, and its cut drawn as a dashed line in the same color. The states the last event discarded
+    are shaded. The y axis is logarithmic; states are numbered 1..n_before in decreasing order.
     """
-    Figure, FigureCanvasAgg = _require_matplotlib()
-    first = first_event_per_layer(report)
+    Figure, _ = _require_matplotlib()
+    per_layer = events_per_layer(report)
     norm = normalize_report(report)
     tau, mode = norm["tau"], norm["mode"]
 
-    if not first:
+    if not per_layer:
         fig = Figure(figsize=(6.0, 2.5), layout="constrained")
         ax = fig.add_subplot()
         ax.axis("off")
         ax.text(0.5, 0.5, "No compression event in this report.", ha="center", va="center", fontsize=12)
-        return _save(fig, FigureCanvasAgg, path)
+        return fig
 
-    nrows, ncols = _grid(len(first))
-    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows + 0.6), layout="constrained")
+    nrows, ncols = _grid(len(per_layer))
+    fig = Figure(figsize=(4.6 * ncols, 3.5 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(first) :]:
+    for ax in axes.flat[len(per_layer) :]:
         ax.axis("off")
 
-    for ax, (layer, (step, entry)) in zip(axes.flat, first.items()):
-        hsv = [float(v) for v in entry.get("hsv") or []]
-        n_before = int(entry.get("n_before", len(hsv)))
-        n_after = int(entry.get("n_after", n_before))
-        positive = [v for v in hsv if v > 0 and math.isfinite(v)]
-        floor = min(positive) * 1e-3 if positive else 1e-12
-        values = [v if v > 0 and math.isfinite(v) else floor for v in hsv]
-        xs = list(range(1, len(values) + 1))
-        kept = [(x, v) for x, v in zip(xs, values) if x <= n_after]
-        dropped = [(x, v) for x, v in zip(xs, values) if x > n_after]
-        ax.plot(xs, values, color="0.6", linewidth=1.0, zorder=1)
-        if kept:
-            ax.scatter(*zip(*kept), s=14, color=_KEEP_COLOR, zorder=2, label=f"kept ({len(kept)})")
-        if dropped:
-            ax.scatter(*zip(*dropped), s=14, color=_DROP_COLOR, zorder=2, label=f"discarded ({len(dropped)})")
+    for ax, (layer, events) in zip(axes.flat, per_layer.items()):
+        colors = _event_colors(len(events))
+        longest = 1
+        for i, (step, entry) in enumerate(events):
+            values = _finite_for_log(entry["hsv"])
+            longest = max(longest, len(values))
+            n_after, last = int(entry["n_after"]), i == len(events) - 1
+            energy = entry.get("energy_kept")
+            label = f"step {step}: {entry['n_before']} \u2192 {n_after}"
+            label += (
+                f", kept {_format_fraction(float(energy))}" if energy is not None and entry["reduced"] else ""
+            )
+            label += "" if entry["reduced"] else " (not cut)"
+            xs = list(range(1, len(values) + 1))
+            ax.plot(
+                xs,
+                values,
+                color=colors[i],
+                marker="o",
+                markersize=3.0 if last else 2.0,
+                linewidth=1.5 if last else 0.9,
+                zorder=2 + i,
+                label=label,
+            )
+            if entry["reduced"] and n_after < len(values):
+                ax.axvline(n_after + 0.5, color=colors[i], linestyle="--", linewidth=1.0, zorder=1)
+                if last:
+                    ax.axvspan(n_after + 0.5, len(values) + 0.5, color=_DROP_COLOR, alpha=0.1, linewidth=0)
         ax.set_yscale("log")
-        if n_after < len(values):
-            ax.axvline(n_after + 0.5, color="k", linestyle="--", linewidth=1.0)
-            ax.axvspan(n_after + 0.5, len(values) + 0.5, color=_DROP_COLOR, alpha=0.12, linewidth=0)
-        ax.set_xlim(0.5, max(len(values), 1) + 0.5)
-        energy = entry.get("energy_kept")
-        energy_txt = f", energy kept {_format_fraction(float(energy))}" if energy is not None else ""
-        ax.set_title(f"layer {layer}: {n_before} \u2192 {n_after}{energy_txt}", fontsize=10)
-        ax.set_xlabel(f"state index (step {step})", fontsize=9)
+        ax.set_xlim(0.5, longest + 0.5)
+        first_n, final_n = int(events[0][1]["n_before"]), int(events[-1][1]["n_after"])
+        count = f"{len(events)} event{'s' if len(events) != 1 else ''}"
+        ax.set_title(f"layer {layer}: {first_n} \u2192 {final_n} ({count})", fontsize=10)
+        ax.set_xlabel("state index (sorted)", fontsize=9)
         ax.set_ylabel(
-            "Hankel importance (modal)" if entry.get("rule") == "modal" else "Hankel singular value",
+            "Hankel importance (modal)" if events[-1][1].get("rule") == "modal" else "Hankel singular value",
             fontsize=9,
         )
         ax.tick_params(labelsize=8)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left", frameon=False)
+        ax.legend(fontsize=7, loc="lower left", frameon=False)
 
-    rules = {entry.get("rule") for _, entry in first.values()}
+    rules = {entry.get("rule") for events in per_layer.values() for _, entry in events}
     header = (
-        "Hankel importance of each state (modal, averaged surrogate) at the first compression event"
+        "Hankel importance of each state (modal, averaged surrogate) at every compression event"
         if rules == {"modal"}
-        else "Hankel singular values at the first compression event"
+        else "Hankel singular values at every compression event"
     )
     tau_txt = f"\u03c4 = {tau:g}" if isinstance(tau, (int, float)) else ""
     details = ", ".join(s for s in (tau_txt, f"mode {mode}" if mode else "") if s)
     fig.suptitle(f"{header} ({details})" if details else header, fontsize=11)
-    return _save(fig, FigureCanvasAgg, path)
+    return fig
+
+
+def plot_hsv_spectra(report: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """Write :func:`hsv_spectra_figure` (every event's spectrum per layer, with its cut) to ``path``."""
+    _, FigureCanvasAgg = _require_matplotlib()
+    return _save(hsv_spectra_figure(report), FigureCanvasAgg, path)
 
 
 def plot_state_sizes(report: Mapping[str, Any], path: str | os.PathLike, max_steps: int | None = None) -> str:
@@ -323,6 +350,14 @@ def _format_fraction(value: float) -> str:
     if 0.0 <= 1.0 - value < 5e-4:
         return f"1 \u2212 {1.0 - value:.1e}" if value < 1.0 else "100%"
     return f"{value:.1%}"
+
+
+def _event_colors(n: int) -> list[Any]:
+    """``n`` colors from light to dark blue: earlier events lighter, the last one darkest."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["Blues"]
+    return [cmap(0.95)] if n == 1 else [cmap(0.4 + 0.55 * i / (n - 1)) for i in range(n)]
 
 
 def _palette(n: int) -> Sequence[Any]:

@@ -23,6 +23,7 @@ Format (``format="compressm-hf/compression-report"``, ``version=1``)::
           "epoch": 0.1,
           "sizes_before": [64, 64], "sizes_after": [40, 38],
           "wall_time_s": 0.012,            # whole event: planning + reduce_ + optimizer surgery
+          "cpu_time_s": 0.012,             # the same, process CPU time (all threads)
           "layers": [
             {
               "layer_idx": 0, "n_before": 64, "n_after": 40, "reduced": true,
@@ -37,10 +38,17 @@ Format (``format="compressm-hf/compression-report"``, ``version=1``)::
         },
         {"kind": "rollback", "step": 40, "restored_step": 25, "metric": "eval_loss",
          "metric_before": 1.20, "metric_after": 1.31, "sizes_before": [...], "sizes_after": [...]},
+        {"kind": "reduction", "step": 30,   # with a state budget (target_total_state / target_mean_state)
+         "budget": {"target_total_state": 40, "schedule": "geometric", "attempt": 2, "attempts": 4,
+                    "attempt_target": 80, "total_before": 90, "within_budget": false,
+                    "tau": 0.031,            # the tau found for this attempt (shared by every layer)
+                    "tau_interval": [0.029, 0.033],  # every tau in [low, high) gives the same sizes
+                    "planned_total": 79, "met": true}, ...},
         {"kind": "reduction", "step": 50, "skipped": "non-finite values in ...",  # an attempt skipped
          "layers_reduced": 0, "sizes_after": [...], "layers": [{..., "reason": "skipped: ..."}]}
-      ]
-    }
+      ],
+      "timing": {...}                      # compressm-train only: per-step CPU/wall time, speed-up and
+    }                                      # compression work (compressm_hf.trainer.timing.run_timing)
 
 :func:`write_report` writes atomically (temporary file + ``os.replace``), like :func:`save_torch_atomic`;
 when such a write fails (full disk, quota, torch's ``inline_container.cc`` error) they raise
@@ -286,23 +294,40 @@ def read_report(path: str | os.PathLike) -> dict:
 
 
 def config_record(
-    *, tau: float | None, mode: str, original_sizes: list[int] | None, events: list[Mapping[str, Any]]
+    *,
+    tau: float | None,
+    mode: str,
+    original_sizes: list[int] | None,
+    events: list[Mapping[str, Any]],
+    target_total_state: int | None = None,
 ) -> dict:
-    """The compact record stored in ``model.config.compression`` (no spectra; see the report)."""
-    return {
+    """The compact record stored in ``model.config.compression`` (no spectra; see the report).
+
+    With a state budget (``target_total_state``, the budget as a total) ``tau`` is ``None`` and every
+    event that searched one carries the ``tau`` found for it.
+    """
+    record = {
         "method": "CompreSSM (arXiv 2510.02823)",
         "tau": tau,
         "mode": mode,
         "original_sizes": None if original_sizes is None else [int(n) for n in original_sizes],
-        "events": [
-            {
-                "kind": e.get("kind", "reduction"),
-                "step": int(e["step"]),
-                "sizes": [int(n) for n in e.get("sizes_after", [])],
-            }
-            for e in events
-        ],
+        "events": [_config_event(e) for e in events],
     }
+    if target_total_state is not None:
+        record["target_total_state"] = int(target_total_state)
+    return record
+
+
+def _config_event(event: Mapping[str, Any]) -> dict:
+    out = {
+        "kind": event.get("kind", "reduction"),
+        "step": int(event["step"]),
+        "sizes": [int(n) for n in event.get("sizes_after", [])],
+    }
+    tau = (event.get("budget") or {}).get("tau")
+    if tau is not None:
+        out["tau"] = float(tau)
+    return out
 
 
 def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[str, float]:
@@ -310,7 +335,8 @@ def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[
 
     Keys (prefix ``compressm/``): ``mean_state_size``, ``total_state_size``, ``layers_reduced``,
     ``reduction_time_s``, ``rolled_back`` (rollback events), ``attempt_skipped`` (an attempt skipped on a
-    diverged / signal-free run); per reduced layer ``i`` (if
+    diverged / signal-free run), ``budget_target`` and ``budget_tau`` (state-budget attempts: the attempt's
+    target total and the tau found for it, when one was searched); per reduced layer ``i`` (if
     ``per_layer``): ``layer_{i}/state_size``, ``layer_{i}/energy_kept``, ``layer_{i}/error_bound``.
     """
     sizes = [int(n) for n in event.get("sizes_after", [])]
@@ -323,6 +349,11 @@ def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[
         return out
     if event.get("skipped"):
         out[LOG_PREFIX + "attempt_skipped"] = 1.0
+    budget = event.get("budget") or {}
+    if budget.get("attempt_target") is not None:
+        out[LOG_PREFIX + "budget_target"] = float(budget["attempt_target"])
+    if budget.get("tau") is not None:
+        out[LOG_PREFIX + "budget_tau"] = float(budget["tau"])
     layers = event.get("layers", [])
     out[LOG_PREFIX + "layers_reduced"] = float(sum(1 for layer in layers if layer.get("reduced")))
     if "wall_time_s" in event:

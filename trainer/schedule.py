@@ -8,12 +8,17 @@ learning-rate warm-up, the first 10% of training: for 100k steps at 2.5k, 5k, 7.
 
 Three ways to describe a schedule:
 
-* ``CompressionSchedule()`` -- the default: ``attempts=4`` equally spaced inside the fraction
-  window ``(0.0, 0.1]`` of ``max_steps``;
+* ``CompressionSchedule()`` -- the default (the paper's, from :mod:`.defaults`): ``attempts=4``
+  equally spaced inside the fraction window ``(0.0, 0.1]`` of ``max_steps``;
 * ``CompressionSchedule(window=(0.05, 0.3), attempts=3)`` -- another window or count
   (attempt ``i`` of ``k`` sits at ``start + (end - start) * i / k``, so the last one is at ``end``);
 * ``CompressionSchedule(steps=[100, 200, 400])`` -- explicit optimizer steps (1-based, the value
   of ``state.global_step`` after the step, as seen by ``on_step_end``).
+
+Short runs: with the default window a 200-step run attempts at steps 5, 10, 15 and 20, only 5 steps
+apart, so a selective (Mamba) layer collects its surrogate statistics from 5 batches instead of
+``statistics_steps=8``. :meth:`CompressionSchedule.short_run_advice` says so, and what to change; the
+callback raises it once, before training, as a :class:`ShortRunWarning`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,22 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CompressionSchedule"]
+from . import defaults
+
+__all__ = ["CompressionSchedule", "ShortRunWarning"]
+
+
+class ShortRunWarning(UserWarning):
+    """The run is too short for the compression schedule: attempts merged after rounding, or attempts
+    closer together than ``statistics_steps`` (Mamba layers then build their surrogate from fewer
+    batches). Raised once, at ``on_train_begin``; the message names the step count and what to change."""
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 batch"``, ``"5 batches"``."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
 
 
 def _is_int(value) -> bool:
@@ -34,9 +54,9 @@ class CompressionSchedule:
     """When to attempt a reduction, relative to the run length or as explicit steps.
 
     Args:
-        window: ``(start, end)`` fractions of ``max_steps`` with ``0 <= start < end <= 1``.
-            Ignored when ``steps`` is given.
-        attempts: number of equally spaced attempts inside the window (``>= 1``).
+        window: ``(start, end)`` fractions of ``max_steps`` with ``0 <= start < end <= 1``
+            (default ``(0.0, 0.1)``: the paper's learning-rate warm-up). Ignored when ``steps`` is given.
+        attempts: number of equally spaced attempts inside the window (``>= 1``; default 4, the paper's).
         steps: explicit optimizer steps (positive integers); overrides ``window``/``attempts``.
 
     Raises:
@@ -45,8 +65,8 @@ class CompressionSchedule:
             or when an explicit step is beyond ``max_steps``.
     """
 
-    window: tuple[float, float] = (0.0, 0.1)
-    attempts: int = 4
+    window: tuple[float, float] = defaults.WINDOW
+    attempts: int = defaults.ATTEMPTS
     steps: tuple[int, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -133,6 +153,83 @@ class CompressionSchedule:
         points = [start + (end - start) * (i + 1) / self.attempts for i in range(self.attempts)]
         resolved = sorted({min(max_steps, max(1, round(max_steps * p))) for p in points})
         return resolved
+
+    def short_run_advice(
+        self, max_steps: int, statistics_steps: int, *, needs_statistics: bool = True
+    ) -> str | None:
+        """Why this schedule does not fit a ``max_steps`` run, and what to change; ``None`` when it fits.
+
+        Two problems are reported: a fractional schedule whose attempts merge after rounding (fewer
+        distinct steps than ``attempts``), and, when ``needs_statistics`` (the model has selective layers),
+        an attempt fewer than ``statistics_steps`` optimizer steps after the previous one (or after the
+        start), so that its surrogate comes from fewer batches. The advice names a ``max_steps`` that fits,
+        a window that fits this run (when one exists) and the ``statistics_steps`` that would.
+        """
+        steps = self.resolve(max_steps)
+        gaps = [b - a for a, b in zip([0, *steps], steps)]
+        merged = self.is_fractional and len(steps) < self.attempts
+        starved = needs_statistics and min(gaps) < statistics_steps
+        if not (merged or starved):
+            return None
+        problems = []
+        if merged:
+            problems.append(f"only {len(steps)} of the {self.attempts} attempts are distinct steps")
+        if starved:
+            problems.append(
+                f"some attempt comes only {_count(min(gaps), 'optimizer step')} after the previous one, so "
+                f"selective (Mamba) layers build their surrogate from {_count(min(gaps), 'batch')} instead of "
+                f"statistics_steps={statistics_steps}"
+            )
+        fixes = []
+        enough = self._steps_needed(max_steps, statistics_steps if needs_statistics else 1)
+        if enough is not None:
+            fixes.append(f"train for max_steps >= {enough}")
+        if self.is_fractional:
+            window = self._window_that_fits(max_steps, statistics_steps if needs_statistics else 1)
+            if window is not None:
+                fixes.append(f"widen the window to ({window[0]:g}, {window[1]:g})")
+            if self.attempts > 1:
+                fixes.append("use fewer attempts")
+        else:
+            fixes.append(f"space the explicit steps at least {statistics_steps} apart")
+        if starved:
+            fixes.append(f"set statistics_steps={min(gaps)} to accept fewer batches")
+        return (
+            f"CompreSSM: a {max_steps}-step run puts the compression attempts at steps {steps}: "
+            + "; ".join(problems)
+            + ". To change it: "
+            + ", or ".join(fixes)
+            + " (same names on the compressm-train command line: --max_steps, --window, --attempts, "
+            "--statistics_steps)."
+        )
+
+    def _fits(self, max_steps: int, gap: int) -> bool:
+        steps = self.resolve(max_steps)
+        gaps = [b - a for a, b in zip([0, *steps], steps)]
+        return len(steps) == (self.attempts if self.is_fractional else len(self.steps)) and min(gaps) >= gap
+
+    def _steps_needed(self, max_steps: int, gap: int) -> int | None:
+        """The smallest run length (>= ``max_steps``) at which the schedule fits, for a fractional one."""
+        if not self.is_fractional:
+            return None
+        start, end = self.window
+        spacing = min(start + (end - start) / self.attempts, (end - start) / self.attempts)
+        guess = max(max_steps, math.ceil(gap / spacing))
+        for candidate in range(max(max_steps, guess - 2), guess + self.attempts + 3):
+            if self._fits(candidate, gap):
+                return candidate
+        return guess
+
+    def _window_that_fits(self, max_steps: int, gap: int) -> tuple[float, float] | None:
+        """A window with the same start (two decimals) that fits ``max_steps``, or None if none does."""
+        start = self.window[0]
+        for hundredths in range(math.ceil(self.window[1] * 100), 101):
+            end = hundredths / 100
+            if end > start and CompressionSchedule(window=(start, end), attempts=self.attempts)._fits(
+                max_steps, gap
+            ):
+                return (start, end)
+        return None
 
     def to_dict(self) -> dict:
         """JSON-friendly description (used by the callback's exported state and the report)."""

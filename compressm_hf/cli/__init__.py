@@ -82,19 +82,20 @@ def calibration_blocks(
     num_train_blocks: int,
     num_eval_blocks: int,
     text_column: str = "text",
+    split: str = "train",
     model_dir: str | Path | None = None,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(train_blocks, eval_blocks)`` int64 ``(n, block_size)`` tensors of token ids from ``source``.
 
-    The text comes from :func:`compressm_hf.data.load_text`. When ``model_dir`` holds a tokenizer
+    The text comes from :func:`compressm_hf.data.load_text` (``split`` for a ``datasets`` name). When ``model_dir`` holds a tokenizer
     (``tokenizer.json`` / ``tokenizer_config.json``), the text is tokenized with it; otherwise it is read
     as bytes (ids ``0..255``, the vocabulary of the models ``compressm-train`` builds). Byte ids are folded
     into a smaller ``vocab_size`` (with a warning). ``eval_blocks`` is ``None`` when ``num_eval_blocks == 0``.
     """
     from compressm_hf.data import load_text
 
-    text = load_text(source, text_column=text_column)
+    text = load_text(source, text_column=text_column, split=split)
     tokenizer = None
     if model_dir is not None and any(
         (Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")

@@ -9,8 +9,12 @@ Subcommands::
 ``save_pretrained``), or a stock transformers ``mamba`` checkpoint folder (it loads into
 ``CompreSSMMambaForCausalLM`` unchanged). LRU layers are exact LTI systems: their Hankel singular values
 are exact. Mamba layers are selective; their spectrum is that of the averaged LTI surrogate built from
-statistics of a few calibration batches (``--dataset``, default Shakespeare; tokenized with the folder's
-tokenizer when it has one, else read as bytes).
+statistics of a few calibration batches of the data the model was trained on: ``--dataset``, or by default
+the training data ``compressm-train`` recorded in the folder (``compressm_train_args.json``); a folder
+without that record (a stock checkpoint, a model trained by your own script) needs ``--dataset``. The text
+is tokenized with the folder's tokenizer when it has one, else read as bytes.
+
+The rank-policy defaults are the callback's (:mod:`compressm_hf.trainer.defaults`).
 
 ``compress`` applies one cut after training (the baseline that in-training compression is compared
 against) and saves a loadable folder (weights, config with the new ``state_sizes``, model code +
@@ -38,6 +42,9 @@ from compressm_hf.cli import (
     needs_statistics,
     perplexity,
 )
+from compressm_hf.cli.helptext import HelpFormatter, examples_epilog, plain_help
+from compressm_hf.cli.train_record import RECORD_NAME, calibration_source
+from compressm_hf.trainer import defaults
 
 __all__ = ["build_parser", "layer_spectra", "main", "rank_for_tau"]
 
@@ -97,10 +104,15 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration data (Mamba statistics, perplexity)")
     g.add_argument(
         "--dataset",
-        default="shakespeare",
-        help="'shakespeare', a text/JSON file or folder, or a datasets name",
+        default=None,
+        help="'shakespeare', a text/JSON file or folder, or a datasets name; default: the training data "
+        f"recorded in MODEL_DIR/{RECORD_NAME} (needed when there is no record)",
     )
-    g.add_argument("--text_column", default="text", help="text column of JSON files / datasets")
+    g.add_argument(
+        "--text_column",
+        default=None,
+        help="text column of JSON files / datasets; default: the recorded one, else 'text'",
+    )
     g.add_argument("--block_size", type=_positive_int, default=128, help="tokens per calibration block")
     g.add_argument(
         "--calibration_batches", type=_positive_int, default=8, help="batches run to collect Mamba statistics"
@@ -109,18 +121,43 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
+SPECTRUM_EXAMPLES = [
+    (
+        "compressm-analyze spectrum outputs/shakespeare-mamba --taus 0.01 0.05 0.1 --plot spectrum.png",
+        "per-layer spectra of a compressm-train folder, calibrated on its recorded training data",
+    ),
+    (
+        "compressm-analyze spectrum path/to/stock-mamba --dataset corpus.txt --json spectra.json",
+        "a stock transformers mamba checkpoint: no record in the folder, so --dataset is needed",
+    ),
+]
+COMPRESS_EXAMPLES = [
+    (
+        "compressm-analyze compress outputs/shakespeare-mamba --tau 0.05 --output_dir outputs/post-hoc",
+        "one cut after training (the baseline in-training compression is compared against)",
+    ),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``compressm-analyze`` parser: subcommands ``spectrum`` and ``compress``, each with the model folder,
+    its own options, the rank policy and the calibration data, then examples; help without reST markup."""
     parser = argparse.ArgumentParser(
         prog="compressm-analyze",
-        description="Hankel spectra of a saved SSM model, and one post-hoc CompreSSM cut.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Hankel spectra of a saved SSM model (LRU, CompreSSM Mamba or a stock transformers mamba\n"
+        "checkpoint), and one post-hoc CompreSSM cut. Run compressm-analyze {spectrum,compress} --help for\n"
+        "the options of each.",
+        epilog=examples_epilog([*SPECTRUM_EXAMPLES, *COMPRESS_EXAMPLES]),
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{spectrum,compress}")
 
     sp = sub.add_parser(
         "spectrum",
         help="per-layer Hankel spectra, the rank each tau would give, error bounds, a plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Per-layer Hankel spectra, the rank each tau would give and its error bound, a plot.",
+        epilog=examples_epilog(SPECTRUM_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     sp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
     sp.add_argument("--taus", type=_tau, nargs="+", default=list(DEFAULT_TAUS), help="tolerances to tabulate")
@@ -132,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser(
         "compress",
         help="apply one CompreSSM cut to a trained model and save it",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Apply one CompreSSM cut to a trained model and save it as a loadable folder.",
+        epilog=examples_epilog(COMPRESS_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     cp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
     cp.add_argument("--output_dir", required=True, help="where to save the compressed model")
@@ -145,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
     _add_calibration(cp)
-    return parser
+    return plain_help(parser)
 
 
 def _add_policy(p: argparse.ArgumentParser, *, with_tau: bool) -> None:
@@ -154,16 +193,34 @@ def _add_policy(p: argparse.ArgumentParser, *, with_tau: bool) -> None:
         g.add_argument(
             "--tau", type=_tau, default=None, help="discarded fraction of sum(HSV) per layer (mode tolerance)"
         )
-        g.add_argument("--mode", choices=["tolerance", "fixed"], default="tolerance", help="rank rule")
-        g.add_argument("--fixed_fraction", type=float, default=0.1, help="mode fixed: fraction of states cut")
-        g.add_argument("--selection", choices=["largest", "smallest", "random"], default="largest")
+        g.add_argument("--mode", choices=["tolerance", "fixed"], default=defaults.MODE, help="rank rule")
+        g.add_argument(
+            "--fixed_fraction",
+            type=float,
+            default=defaults.FIXED_FRACTION,
+            help="mode fixed: fraction of states cut",
+        )
+        g.add_argument(
+            "--selection",
+            choices=["largest", "smallest", "random"],
+            default=defaults.SELECTION,
+            help="which states to keep",
+        )
         g.add_argument("--seed", type=int, default=0, help="seed of --selection random")
     g.add_argument(
-        "--gate", type=_fraction, default=0.95, help="cut a layer only if the new size is < gate * n"
+        "--gate", type=_fraction, default=defaults.GATE, help="cut a layer only if the new size is < gate * n"
     )
-    g.add_argument("--min_state_size", type=_positive_int, default=1, help="never go below this size")
     g.add_argument(
-        "--round_to", type=_positive_int, default=1, help="round new sizes up to a multiple of this"
+        "--min_state_size",
+        type=_positive_int,
+        default=defaults.MIN_STATE_SIZE,
+        help="never go below this size",
+    )
+    g.add_argument(
+        "--round_to",
+        type=_positive_int,
+        default=defaults.ROUND_TO,
+        help="round new sizes up to a multiple of this",
     )
 
 
@@ -272,21 +329,24 @@ def _prepare(args, model, model_dir, *, eval_blocks: int = 0):
     stats = needs_statistics(model)
     if not stats and eval_blocks == 0:
         return "exact LTI systems (no calibration data needed)", None
+    dataset, text_column, split, how = calibration_source(model_dir, args.dataset, args.text_column)
     train, evals = calibration_blocks(
-        args.dataset,
+        dataset,
         block_size=args.block_size,
         num_train_blocks=args.calibration_batches * args.batch_size if stats else 1,
         num_eval_blocks=eval_blocks,
-        text_column=args.text_column,
+        text_column=text_column,
+        split=split,
         model_dir=model_dir,
         vocab_size=getattr(model.config, "vocab_size", None),
     )
     if not stats:
         return "exact LTI systems (no calibration data needed)", evals
     tokens = collect_statistics(model, train, args.batch_size)
+    shown = Path(dataset).name if Path(dataset).exists() else dataset  # a local file by name (reports)
     return (
-        f"averaged LTI surrogate from {tokens:,} calibration tokens of {args.dataset!r} "
-        f"({len(train)} blocks of {args.block_size})",
+        f"averaged LTI surrogate from {tokens:,} calibration tokens of {shown!r} ({how}; "
+        f"{len(train)} blocks of {args.block_size})",
         evals,
     )
 
@@ -444,7 +504,7 @@ def cmd_compress(args) -> int:
             "tau": args.tau,
             "mode": args.mode,
             "post_hoc": True,
-            "source": str(args.model_dir),
+            "source": Path(args.model_dir).name,  # the folder's name only: the report is uploaded with it
             "statistics": source,
             "gate": args.gate,
             "min_state_size": args.min_state_size,
@@ -461,7 +521,7 @@ def cmd_compress(args) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, RECORD_NAME):  # the record: what the source was trained on
         src = Path(args.model_dir) / name
         if src.is_file():
             shutil.copy2(src, out / name)

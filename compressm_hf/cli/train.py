@@ -10,9 +10,16 @@ Arguments are parsed by ``transformers.HfArgumentParser`` over four dataclasses:
 :class:`CompressionArguments`, :class:`DataArguments` and ``transformers.TrainingArguments``, so every
 familiar Trainer flag works (``--max_steps``, ``--learning_rate``, ``--per_device_train_batch_size``,
 ``--report_to``, ``--push_to_hub``, ``--hub_model_id``, ``--resume_from_checkpoint`` ...). Only some
-Trainer defaults differ (see :data:`TRAINING_DEFAULTS`). A single ``.json`` / ``.yaml`` argument is read as
-a config file instead. Works under ``accelerate launch`` / ``torchrun``: only the main process writes the
-card, plots, logs and summary.
+Trainer defaults differ (see :data:`TRAINING_DEFAULTS`). The compression defaults are the callback's
+(:mod:`compressm_hf.trainer.defaults`, the paper's). ``--help`` lists the model, compression and data
+options first, then the Trainer's, then example command lines. A single ``.json`` / ``.yaml`` argument is
+read as a config file instead. Works under ``accelerate launch`` / ``torchrun``: only the main process
+writes the card, plots, logs and summary.
+
+The summary's "total wall time" runs from the process start (imports and start-up included) when
+``compressm-train`` is the program, and from the call of :func:`main` when it is called in-process.
+``compressm_train_args.json`` records the model, compression and data arguments (the data by name, a local
+file outside the folder by its file name only), so ``compressm-analyze`` calibrates on the training data.
 
 Checkpoints and crashes: a given ``--save_steps`` saves a checkpoint every that many steps (it implies
 ``--save_strategy steps``; with ``--save_strategy no`` it is a usage error). ``--resume_from_checkpoint True``
@@ -32,13 +39,13 @@ local ``output_dir``).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
 import math
 import os
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -50,6 +57,11 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from compressm_hf.cli import ARCHITECTURES, format_table, load_causal_lm
+from compressm_hf.cli.clock import WallClock
+from compressm_hf.cli.helptext import HelpFormatter, examples_epilog, plain_help
+from compressm_hf.cli.train_record import RECORD_NAME, data_source_kind
+from compressm_hf.trainer import defaults
+from compressm_hf.trainer.timing import StepTimer, add_timing_to_report, run_timing, timing_lines
 
 logger = logging.getLogger("compressm_hf.cli.train")
 
@@ -72,6 +84,8 @@ LOG_NAME = "train_log.jsonl"
 @dataclass
 class ModelArguments:
     """The model to train (byte-level: vocabulary of 256)."""
+
+    _argument_group_name = "model (a new byte-level model, or --model_name_or_path)"
 
     architecture: str = field(
         default="mamba",
@@ -102,57 +116,78 @@ class ModelArguments:
 
 @dataclass
 class CompressionArguments:
-    """How CompreSSM compresses the model while it trains (see ``CompreSSMCallback``)."""
+    """How CompreSSM compresses the model while it trains (see ``CompreSSMCallback``).
+
+    Every default is the callback's, from :mod:`compressm_hf.trainer.defaults` (the paper's: 4 attempts in
+    the first 10 % of the steps, gate 0.95, no minimum size), except ``tau`` (``defaults.CLI_TAU``).
+    """
+
+    _argument_group_name = "compression (CompreSSM, applied while training)"
 
     no_compression: bool = field(
         default=False, metadata={"help": "Train without the CompreSSM callback (the baseline)."}
     )
     tau: float = field(
-        default=0.1,
+        default=defaults.CLI_TAU,
         metadata={
             "help": "Discarded fraction of each layer's Hankel-singular-value sum per attempt, in [0, 1)."
         },
     )
     mode: str = field(
-        default="tolerance",
+        default=defaults.MODE,
         metadata={"help": "Rank rule.", "choices": ["tolerance", "fixed", "pragmatic"]},
     )
     window: list[float] = field(
-        default_factory=lambda: [0.05, 0.2],
-        metadata={"help": "Start and end of the compression window, as fractions of max_steps."},
+        default_factory=lambda: list(defaults.WINDOW),
+        metadata={
+            "help": "Start and end of the compression window, as fractions of max_steps (the paper: the "
+            "learning-rate warm-up, the first 10%%)."
+        },
     )
-    attempts: int = field(default=4, metadata={"help": "Equally spaced attempts inside the window."})
+    attempts: int = field(
+        default=defaults.ATTEMPTS, metadata={"help": "Equally spaced attempts inside the window."}
+    )
     steps: list[int] | None = field(
         default=None, metadata={"help": "Explicit optimizer steps of the attempts (overrides --window)."}
     )
-    gate: float = field(default=0.95, metadata={"help": "Cut a layer only if the new size is < gate * n."})
-    min_state_size: int = field(default=4, metadata={"help": "Never shrink a layer below this size."})
-    round_to: int = field(default=1, metadata={"help": "Round new sizes up to a multiple of this."})
+    gate: float = field(
+        default=defaults.GATE, metadata={"help": "Cut a layer only if the new size is < gate * n."}
+    )
+    min_state_size: int = field(
+        default=defaults.MIN_STATE_SIZE, metadata={"help": "Never shrink a layer below this size."}
+    )
+    round_to: int = field(
+        default=defaults.ROUND_TO, metadata={"help": "Round new sizes up to a multiple of this."}
+    )
     selection: str = field(
-        default="largest",
+        default=defaults.SELECTION,
         metadata={"help": "Which states to keep.", "choices": ["largest", "smallest", "random"]},
     )
     fixed_fraction: float = field(
-        default=0.1, metadata={"help": "fixed/pragmatic modes: fraction cut per attempt."}
+        default=defaults.FIXED_FRACTION, metadata={"help": "fixed/pragmatic modes: fraction cut per attempt."}
     )
     optimizer_state: str = field(
-        default="slice",
+        default=defaults.OPTIMIZER_STATE,
         metadata={
             "help": "Adam moments of cut tensors: carried over or reset.",
             "choices": ["slice", "reset"],
         },
     )
     pragmatic_tolerance: float = field(
-        default=0.02, metadata={"help": "pragmatic mode: largest allowed eval-metric drop before a rollback."}
+        default=defaults.PRAGMATIC_TOLERANCE,
+        metadata={"help": "pragmatic mode: largest allowed eval-metric drop before a rollback."},
     )
     statistics_steps: int = field(
-        default=8, metadata={"help": "Mamba: steps of surrogate statistics collected before each attempt."}
+        default=defaults.STATISTICS_STEPS,
+        metadata={"help": "Mamba: steps of surrogate statistics collected before each attempt."},
     )
 
 
 @dataclass
 class DataArguments:
     """The text to train on, cut into byte-level blocks."""
+
+    _argument_group_name = "data (text, cut into byte-level blocks)"
 
     dataset: str = field(
         default="shakespeare",
@@ -181,7 +216,7 @@ TRAINING_DEFAULTS: dict = {
     "per_device_eval_batch_size": 32,
     "learning_rate": 3e-3,
     "weight_decay": 0.01,
-    "warmup_steps": 0.05,
+    "warmup_steps": 0.1,  # the paper's: the compression window (the first 10%) is the warm-up
     "lr_scheduler_type": "cosine",
     "logging_steps": 20,
     "eval_strategy": "steps",
@@ -190,18 +225,71 @@ TRAINING_DEFAULTS: dict = {
     "hub_strategy": "end",  # one push, by compressm-train, that leaves training_args.bin out
     "report_to": "none",
     "seed": 42,
+    # every parameter of both models gets a gradient (tests/cli/test_cli_defaults.py): with transformers'
+    # default (True) DDP searches for unused parameters every step and warns about it on every rank
+    "ddp_find_unused_parameters": False,
 }
 _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0", ""}
 
 
+DESCRIPTION = (
+    "Train a byte-level SSM language model (Mamba or LRU) and compress it while it trains with CompreSSM.\n"
+    "Early in training every layer's state is cut to the states that hold 1 - tau of its Hankel singular\n"
+    "value sum. The output folder is an ordinary transformers model folder with the compression report,\n"
+    "plots, a model card and a summary. Every transformers TrainingArguments flag works too (listed last)."
+)
+EXAMPLES = [
+    (
+        "compressm-train --output_dir outputs/shakespeare-mamba",
+        "the defaults: a 4-layer Mamba on Shakespeare's works (offline), 1000 steps, tau 0.1",
+    ),
+    (
+        "compressm-train --architecture lru --dataset corpus.txt --state_size 128 --tau 0.05 --max_steps 5000",
+        "an LRU on your own text file (.txt/.json/.jsonl, a folder, or a datasets name), a gentler cut",
+    ),
+    (
+        "torchrun --nproc_per_node 2 scripts/train.py --output_dir outputs/ddp --report_to tensorboard",
+        "two DDP processes (CPU/gloo too), logging the compressm/... metrics to TensorBoard",
+    ),
+    ("compressm-train run.yaml", "every argument from a JSON/YAML file (the same names, without --)"),
+]
+USAGE = (
+    "compressm-train [--output_dir DIR] [--architecture {mamba,lru}] [--dataset DATA] [--tau TAU] [OPTION ...]\n"
+    "       compressm-train CONFIG.json|CONFIG.yaml"
+)
+TRAINER_HEADING = (
+    "Trainer arguments (transformers.TrainingArguments; the defaults shown are compressm-train's)"
+)
+
+
 def build_parser() -> HfArgumentParser:
+    """The ``compressm-train`` parser: model, compression and data groups first, then ``TrainingArguments``
+    under their own heading, then examples; help text without reST markup."""
     parser = HfArgumentParser(
         (ModelArguments, CompressionArguments, DataArguments, TrainingArguments),
         prog="compressm-train",
-        description=__doc__.split("\n\n")[0],
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=examples_epilog(EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
-    return parser
+    _trainer_arguments_last(parser)
+    return plain_help(parser)
+
+
+def _trainer_arguments_last(parser: HfArgumentParser) -> None:
+    """HfArgumentParser puts TrainingArguments (a dataclass without ``_argument_group_name``) into argparse's
+    default "options" group, shown before ours: give -h its own first group and move the rest last."""
+    trainer_group = parser._optionals  # argparse has no public API to reorder or retitle groups
+    trainer_group.title = TRAINER_HEADING
+    help_actions = [a for a in trainer_group._group_actions if isinstance(a, argparse._HelpAction)]
+    general = parser.add_argument_group("general")
+    for action in help_actions:
+        trainer_group._group_actions.remove(action)
+        general._group_actions.append(action)
+    groups = [g for g in parser._action_groups if g is not trainer_group and g is not general]
+    parser._action_groups[:] = [general, *groups, trainer_group]
 
 
 def _given(argv: list[str], name: str) -> bool:
@@ -394,58 +482,6 @@ def _state_sizes(model) -> list[int]:
     return [int(layer.state_size) for layer in find_reducible_layers(model)]
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (forward, backward, optimizer), for tokens/s before/after compression.
-
-    Add it *before* the ``CompreSSMCallback`` so that ``on_step_end`` stops the clock before a cut runs and
-    sees whether the step collected surrogate statistics (slower steps, left out of the comparison).
-    """
-
-    def __init__(self, model, tokens_per_step: int, skip_first: int = 2):
-        self.model = model
-        self.tokens_per_step = int(tokens_per_step)
-        self.skip_first = skip_first
-        self.records: list[dict] = []
-        self._t0: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._t0 is None:
-            return control
-        from compressm_hf import find_reducible_layers
-
-        layers = find_reducible_layers(self.model)
-        self.records.append(
-            {
-                "step": int(state.global_step),
-                "seconds": time.perf_counter() - self._t0,
-                "statistics": any(getattr(layer, "collect_statistics", False) for layer in layers),
-                "total_state_size": sum(int(layer.state_size) for layer in layers),
-            }
-        )
-        self._t0 = None
-        return control
-
-    def tokens_per_second(
-        self, first: int | None = None, last: int | None = None
-    ) -> tuple[float | None, int]:
-        """Median-based tokens/s over clean steps with ``first <= step <= last``; ``(value, steps used)``."""
-        times = [
-            r["seconds"]
-            for r in self.records
-            if r["step"] > self.skip_first
-            and not r["statistics"]
-            and (first is None or r["step"] >= first)
-            and (last is None or r["step"] <= last)
-        ]
-        if not times:
-            return None, 0
-        return self.tokens_per_step / statistics.median(times), len(times)
-
-
 class JsonlLogger(TrainerCallback):
     """Appends every ``Trainer.log`` payload (losses, evals, ``compressm/...`` metrics) to a JSON-lines file."""
 
@@ -505,7 +541,11 @@ def build_summary(
     train_time: float,
     max_steps: int,
     tokens_trained: int = 0,
+    wall_covers: str = "",
+    timing: dict | None = None,
 ) -> str:
+    """The plain-text summary printed at the end and saved as ``training_summary.txt``; its last line is
+    :func:`time_line` (``wall_covers`` says where the wall clock started, e.g. ``"from process start"``)."""
     rows = [
         [f"layer {i}", str(b), str(a), f"{a / b:.0%}"]
         for i, (b, a) in enumerate(zip(sizes_before, sizes_after))
@@ -535,17 +575,22 @@ def build_summary(
     if compressed:
         lines.append(f"training throughput before compression: {_fmt_rate(*rate_before)}")
         lines.append(f"training throughput after compression:  {_fmt_rate(*rate_after)}")
-        if rate_before[0] and rate_after[0]:
-            lines.append(f"  speed-up after compression: x{rate_after[0] / rate_before[0]:.2f}")
     else:
         lines.append(f"training throughput: {_fmt_rate(*rate_after)}")
+    lines.extend(timing_lines(timing, compressed))  # CPU-time speed-up: wall-clock rates drift with load
     if tokens_trained and train_time > 0:
         lines.append(
             f"end-to-end: {tokens_trained / train_time:,.0f} tokens/s over the whole run (data loading, logging "
             "and evaluation included; the rates above time forward + backward + optimizer step only)"
         )
-    lines.append(f"training time: {train_time:.1f} s; total wall time: {wall_time:.1f} s")
+    lines.append(time_line(train_time, wall_time, wall_covers))
     return "\n".join(lines)
+
+
+def time_line(train_time: float, wall_time: float, wall_covers: str = "") -> str:
+    """``training time: 40.1 s; total wall time: 87.6 s (from process start)``."""
+    covers = f" ({wall_covers})" if wall_covers else ""
+    return f"training time: {train_time:.1f} s; total wall time: {wall_time:.1f} s{covers}"
 
 
 def _configure_logging(training_args: TrainingArguments) -> None:
@@ -653,13 +698,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from compressm_hf.trainer.hub import protect_hub_token
 
-    t_start = time.perf_counter()
+    # a console script / python -m / scripts/train.py passes no argv: count the start-up too
+    clock = WallClock(from_process_start=argv is None)
     model_args, comp_args, data_args, training_args = parse_args(argv)
     _configure_logging(training_args)
     # the Trainer pickles its args into every training_args.bin: keep the token in the environment only
     hub_token = protect_hub_token(training_args)
     with disk_full_as_error(training_args.output_dir):
-        return _train(model_args, comp_args, data_args, training_args, hub_token=hub_token, t_start=t_start)
+        return _train(model_args, comp_args, data_args, training_args, hub_token=hub_token, clock=clock)
 
 
 def _set_aside_incomplete_checkpoints(training_args: TrainingArguments) -> None:
@@ -676,7 +722,9 @@ def _set_aside_incomplete_checkpoints(training_args: TrainingArguments) -> None:
         )
 
 
-def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | None, t_start: float) -> int:
+def _train(
+    model_args, comp_args, data_args, training_args, *, hub_token: str | None, clock: WallClock
+) -> int:
     from transformers import set_seed
 
     from compressm_hf.data import byte_lm_splits, load_text
@@ -795,6 +843,9 @@ def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | 
     ]
     # the final evaluate() repeats the last scheduled one at the same step: keep one per step
     eval_history = list(dict(eval_history).items())
+    timing = run_timing(
+        timer.records, compress_cb.history if compress_cb is not None else [], skip_first=timer.skip_first
+    )
     summary = build_summary(
         output_dir=training_args.output_dir,
         architecture=model_args.architecture,
@@ -807,10 +858,12 @@ def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | 
         rate_after=rate_after,
         compressed=compress_cb is not None,
         cut_steps=cut_steps,
-        wall_time=time.perf_counter() - t_start,
+        wall_time=clock.elapsed(),
+        wall_covers=clock.covers,
         train_time=train_time,
         max_steps=trainer.state.max_steps,
         tokens_trained=tokens_per_step * int(trainer.state.global_step),
+        timing=timing,
     )
 
     card_metrics = {
@@ -840,6 +893,11 @@ def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | 
     # the Trainer's own push_to_hub would upload training_args.bin: save here, push below without it
     trainer.save_model(training_args.output_dir, _internal_call=True)
     if trainer.is_world_process_zero():
+        from compressm_hf.modeling import CompreSSMByteTokenizer
+
+        CompreSSMByteTokenizer.for_model_config(model.config).save_pretrained(out)  # the data are bytes
+        if compress_cb is not None:  # before the card and the push read the report
+            add_timing_to_report(out / compress_cb.report_name, timing)
         if hub_cb is not None:
             hub_cb.card_kwargs.update(card_kwargs)
             model_name = (training_args.hub_model_id or out.name).split("/")[-1]
@@ -855,15 +913,13 @@ def _train(model_args, comp_args, data_args, training_args, *, hub_token: str | 
                 model_name=out.name,
                 **card_kwargs,
             )
-        wall = time.perf_counter() - t_start
-        summary = (
-            summary.rsplit("\n", 1)[0] + f"\ntraining time: {train_time:.1f} s; total wall time: {wall:.1f} s"
-        )
+        summary = summary.rsplit("\n", 1)[0] + "\n" + time_line(train_time, clock.elapsed(), clock.covers)
         (out / SUMMARY_NAME).write_text(summary + "\n", "utf-8")
         record = {"model": asdict(model_args), "compression": asdict(comp_args), "data": asdict(data_args)}
         record["model"]["model_name_or_path"] = public_path(model_args.model_name_or_path, out)
         record["data"]["dataset"] = public_path(data_args.dataset, out)
-        (out / "compressm_train_args.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
+        record["data"]["source"] = data_source_kind(data_args.dataset)  # read by compressm-analyze
+        (out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", "utf-8")
         print("\n" + summary + "\n", flush=True)
         print(
             f"Saved to {out}/ (config.json, model.safetensors, compression_report.json, plots, README.md)",

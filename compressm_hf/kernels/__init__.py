@@ -1,8 +1,9 @@
 """Optional compiled CPU kernels, built on first use with ``torch.utils.cpp_extension``.
 
-Only the Mamba-1 selective scan lives here (``selective_scan_cpu.cpp``): a fused float32 forward and
-backward, vectorised over 16 channels, with state checkpoints every ``CHUNK`` steps that the backward
-recomputes from. Nothing is compiled when this module is imported; the first call to
+The Mamba-1 selective scan (``selective_scan_cpu.cpp``): a fused float32 forward and backward,
+vectorised over 16 channels, with state checkpoints every ``CHUNK`` steps that the backward recomputes
+from (and, on request, the surrogate moments of the forward); and Mamba's depthwise causal conv1d + SiLU
+in channels-last layout (:func:`causal_conv1d_cpu`). Nothing is compiled when this module is imported; the first call to
 :func:`is_available` (or :func:`selective_scan_cpu`) builds the extension into the torch extensions
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a directory keyed by the
 source, flags, CPU, compiler, torch and interpreter (so venvs sharing the cache never rebuild over each
@@ -24,7 +25,7 @@ import torch
 
 from . import cpu_build
 
-__all__ = ["CHUNK", "build_error", "is_available", "load", "selective_scan_cpu"]
+__all__ = ["CHUNK", "build_error", "causal_conv1d_cpu", "is_available", "load", "selective_scan_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,22 @@ def _groups(batch: int, nblk: int) -> int:
 
 class _SelectiveScanCpu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, store_dA):
+    def forward(
+        ctx,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        return_last_state,
+        store_dA,
+        moments,
+        weights,
+    ):
         # u, delta, z are read with their own strides (a channels-innermost view, as Mamba's mixer passes,
         # costs no copy); B and C go to (batch, L, n) contiguous (n/d times smaller than u).
         f32 = torch.float32
@@ -93,7 +109,8 @@ class _SelectiveScanCpu(torch.autograd.Function):
         z_ = None if z is None else z.to(f32)
         bias_ = None if delta_bias is None else delta_bias.to(f32).contiguous()
         need_grad = any(ctx.needs_input_grad[:8])
-        y, last, ckpt = torch.ops.compressm_scan.fwd(
+        w_ = None if weights is None else weights.to(f32).contiguous()
+        y, last, ckpt, om, ie = torch.ops.compressm_scan.fwd(
             u_,
             dl_,
             A_,
@@ -106,8 +123,11 @@ class _SelectiveScanCpu(torch.autograd.Function):
             bool(return_last_state),
             need_grad,
             CHUNK,
+            bool(moments),
+            w_,
         )
         ctx.delta_softplus = bool(delta_softplus)
+        ctx.return_last_state = bool(return_last_state)
         ctx.store_dA = bool(store_dA)
         ctx.has = (D is not None, z is not None, delta_bias is not None)
         ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
@@ -115,14 +135,16 @@ class _SelectiveScanCpu(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(u_, dl_, A_, B_, C_, D_, z_, bias_, ckpt)
         y = y.to(u.dtype)
+        if moments:
+            ctx.mark_non_differentiable(om, ie)
         if return_last_state:
-            return y, last.to(u.dtype)
-        return y
+            return (y, last.to(u.dtype), om, ie) if moments else (y, last.to(u.dtype))
+        return (y, om, ie) if moments else y
 
     @staticmethod
     def backward(ctx, gy, *rest):
         u_, dl_, A_, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
-        glast = rest[0] if rest else None
+        glast = rest[0] if ctx.return_last_state else None  # the moments' gradients (if any) are ignored
         gy_ = torch.zeros_like(u_) if gy is None else gy.to(torch.float32)
         glast_ = None if glast is None else glast.to(torch.float32).contiguous()
         nblk = -(-u_.shape[1] // 16)
@@ -158,6 +180,8 @@ class _SelectiveScanCpu(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -173,6 +197,8 @@ def selective_scan_cpu(
     delta_softplus=False,
     return_last_state=False,
     store_dA=None,
+    moments=False,
+    moment_weights=None,
 ):
     """mamba_ssm ``selective_scan_fn`` semantics with the fused C++ kernel (CPU; computes in float32).
 
@@ -180,6 +206,11 @@ def selective_scan_cpu(
     Returns y (batch, d, L) in u's dtype, and the last state (batch, d, n) if ``return_last_state``.
     ``store_dA`` keeps exp(dt*A) of a recomputed chunk for the reverse sweep (one exp fewer per element);
     (default on: it was faster at every n measured).
+
+    ``moments=True`` also returns, last, the Mamba surrogate's moments summed over tokens while the
+    forward computes ``exp(dt*A)`` anyway: ``one_minus_decay = Σ w·(1 − exp(dt·A))`` and
+    ``input_energy = Σ w·(dt·u)²·B²``, both (d, n) float64 and not differentiable; ``moment_weights``
+    (batch, L) weighs each token (default 1). Reference: ``scan_mamba.surrogate_moments_ref``.
     """
     if not is_available():
         raise RuntimeError(f"the C++ selective-scan kernel is not available: {build_error()}")
@@ -192,6 +223,65 @@ def selective_scan_cpu(
         )
     if store_dA is None:
         store_dA = True
+    if moment_weights is not None and tuple(moment_weights.shape) != (u.shape[0], u.shape[2]):
+        raise ValueError(
+            f"moment_weights must have shape (batch, L) = {(u.shape[0], u.shape[2])}, got "
+            f"{tuple(moment_weights.shape)}"
+        )
     return _SelectiveScanCpu.apply(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, store_dA
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        return_last_state,
+        store_dA,
+        bool(moments),
+        moment_weights if moments else None,
     )
+
+
+class _CausalConv1dCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        f32 = torch.float32
+        x_ = x.to(f32)
+        if x_.stride(2) != 1:
+            x_ = x_.contiguous()
+        w_ = weight.to(f32).t().contiguous()  # (K, d)
+        b_ = None if bias is None else bias.to(f32).contiguous()
+        ctx.silu = bool(silu)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x_, w_, b_)
+        return torch.ops.compressm_scan.conv_fwd(x_, w_, b_, ctx.silu).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_, w_, b_ = ctx.saved_tensors
+        gy_ = gy.to(torch.float32)
+        if gy_.stride(2) != 1:
+            gy_ = gy_.contiguous()
+        dx, dw, db = torch.ops.compressm_scan.conv_bwd(x_, w_, b_, ctx.silu, gy_)
+        xdt, wdt, bdt = ctx.dtypes
+        return dx.to(xdt), dw.t().to(wdt), None if b_ is None else db.to(bdt), None
+
+
+def causal_conv1d_cpu(x, weight, bias=None, activation=None):
+    """Depthwise causal conv1d over ``x`` ``(batch, L, d)`` (channels last; any batch/time strides),
+    ``weight`` ``(d, K)``, ``bias`` ``(d,)``, ``activation`` None or ``"silu"``/``"swish"``; computes in
+    float32 and returns ``(batch, L, d)`` contiguous in x's dtype. Fused C++ forward and backward; the
+    reference is ``modeling/mamba/ops_mamba.causal_conv1d_fn`` (channels first)."""
+    if not is_available():
+        raise RuntimeError(f"the C++ CPU kernels are not available: {build_error()}")
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.device.type != "cpu" or x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(
+            f"causal_conv1d_cpu needs CPU x (batch, L, d) and weight (d, K); got x {tuple(x.shape)} on "
+            f"{x.device} and weight {tuple(weight.shape)}"
+        )
+    return _CausalConv1dCpu.apply(x, weight, bias, activation is not None)

@@ -1,4 +1,5 @@
-// Fused Mamba-1 selective scan for the CPU: forward and backward, float32.
+// Fused Mamba-1 selective scan for the CPU: forward and backward, float32; and Mamba's depthwise causal
+// conv1d + SiLU in channels-last layout (torch.ops.compressm_scan.conv_{fwd,bwd}, at the end of this file).
 //
 // Built lazily by compressm_hf/kernels/__init__.py with torch.utils.cpp_extension and registered as
 // torch.ops.compressm_scan.{fwd,bwd}. The Python side converts to the internal layout below and wraps
@@ -11,6 +12,8 @@
 //   A, dA                          : (d, n)
 //   last_state                     : (batch, d, n)
 //   ckpt                           : (batch, nblk, nchunk, n, 16)  state at the start of every chunk
+//   moment_weights                 : (batch, L) contiguous, optional (1 = token, 0 = padding)
+//   om, ie (forward, want_moments) : (d, n) float64 surrogate moments, see MomentAcc
 //
 // Math (mamba_ssm's selective_scan_fn): dt = softplus(delta + bias) (or delta + bias),
 //   h_t = exp(dt * A) * h_{t-1} + dt * B_t * u_t,  y_t = C_t . h_t + D * u_t,  out = y * silu(z).
@@ -269,12 +272,121 @@ std::vector<vf> pack_A(const float* A, const Dims& dm) {
   return Av;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta,
-                                                        const at::Tensor& A, const at::Tensor& Bm,
-                                                        const at::Tensor& Cm, const std::optional<at::Tensor>& Dopt,
-                                                        const std::optional<at::Tensor>& zopt,
-                                                        const std::optional<at::Tensor>& biasopt, bool softplus,
-                                                        bool want_last, bool save_ckpt, int64_t K) {
+// Surrogate moments collected on the side of a forward (the averaged LTI surrogate of a Mamba layer):
+//   om[d, n] = sum_t w_t * (1 - exp(dt_t * A[d, n]))   (-expm1, accurate also where dt * A is tiny)
+//   ie[d, n] = sum_t w_t * (dt_t * u_t)^2 * B_t[n]^2
+// Per task (batch row x channel block) in float32 within a chunk of K steps, flushed to float64
+// partials at every chunk end.
+struct MomentAcc {
+  std::vector<vf> om, ie;
+  std::vector<double> om64, ie64;
+  explicit MomentAcc(int64_t N) : om(N), ie(N), om64(N * W), ie64(N * W) {}
+  void reset() {
+    std::fill(om.begin(), om.end(), splat(0.f));
+    std::fill(ie.begin(), ie.end(), splat(0.f));
+    std::fill(om64.begin(), om64.end(), 0.0);
+    std::fill(ie64.begin(), ie64.end(), 0.0);
+  }
+  void flush() {
+    for (size_t n = 0; n < om.size(); ++n) {
+      for (int j = 0; j < W; ++j) {
+        om64[n * W + j] += om[n][j];
+        ie64[n * W + j] += ie[n][j];
+      }
+      om[n] = splat(0.f);
+      ie[n] = splat(0.f);
+    }
+  }
+};
+
+// 1 - exp(x) for x <= 0 from x and a = exp(x): the series where 1 - a would cancel.
+inline vf one_minus_exp(vf x, vf a) {
+  vi tiny = x > -1e-3f;
+  return tiny ? -x * (1.0f + 0.5f * x) : 1.0f - a;
+}
+
+// One forward task: batch row b, channels d0 .. d0 + cnt. STATS adds the surrogate moments.
+template <bool STATS>
+inline void fwd_task(int64_t b, int64_t blk, const Dims& dm, const View3& uV, const View3& dlV,
+                     const View3& yV, const View3& zV, bool hz, const float* Bp, const float* Cp,
+                     const float* Dp, const float* bp, const float* wp, bool softplus, const vf* Ab,
+                     std::vector<vf>& h, float* ckp, float* lastp, MomentAcc* acc) {
+  const int64_t L = dm.L, D = dm.D, N = dm.N, nblk = dm.nblk, nch = dm.nch, K = dm.K;
+  const int64_t d0 = blk * W;
+  const int cnt = (int)std::min<int64_t>(W, D - d0);
+  const vf Dv = Dp ? loadn(Dp + d0, cnt) : splat(0.f);
+  const vf bv = bp ? loadn(bp + d0, cnt) : splat(0.f);
+  std::fill(h.begin(), h.end(), splat(0.f));
+  if (STATS) acc->reset();
+  for (int64_t t = 0; t < L; ++t) {
+    if (ckp && t % K == 0) {
+      std::memcpy(ckp + (((b * nblk + blk) * nch + t / K) * N) * W, h.data(), sizeof(vf) * N);
+    }
+    vf x = dlV.load(b, d0, t, cnt) + bv;
+    vf dt = softplus ? vsoftplus(x, nullptr) : x;
+    vf uv = uV.load(b, d0, t, cnt);
+    vf dtu = dt * uv;
+    const float* Bt = Bp + (b * L + t) * N;
+    const float* Ct = Cp + (b * L + t) * N;
+    float wt = 1.f;
+    vf drive2 = {};
+    if (STATS) {
+      wt = wp ? wp[b * L + t] : 1.f;
+      drive2 = dtu * dtu * wt;
+    }
+    vf y0 = Dv * uv, y1 = splat(0.f);
+    int64_t n = 0;
+    for (; n + 1 < N; n += 2) {
+      vf x0 = dt * Ab[n];
+      vf x1 = dt * Ab[n + 1];
+      vf a0 = vexp(x0);
+      vf a1 = vexp(x1);
+      vf h0 = a0 * h[n] + dtu * Bt[n];
+      vf h1 = a1 * h[n + 1] + dtu * Bt[n + 1];
+      h[n] = h0;
+      h[n + 1] = h1;
+      y0 += h0 * Ct[n];
+      y1 += h1 * Ct[n + 1];
+      if (STATS) {
+        acc->om[n] += one_minus_exp(x0, a0) * wt;
+        acc->om[n + 1] += one_minus_exp(x1, a1) * wt;
+        acc->ie[n] += drive2 * (Bt[n] * Bt[n]);
+        acc->ie[n + 1] += drive2 * (Bt[n + 1] * Bt[n + 1]);
+      }
+    }
+    if (n < N) {
+      vf x0 = dt * Ab[n];
+      vf a0 = vexp(x0);
+      vf h0 = a0 * h[n] + dtu * Bt[n];
+      h[n] = h0;
+      y0 += h0 * Ct[n];
+      if (STATS) {
+        acc->om[n] += one_minus_exp(x0, a0) * wt;
+        acc->ie[n] += drive2 * (Bt[n] * Bt[n]);
+      }
+    }
+    vf yv = y0 + y1;
+    if (hz) yv = yv * silu_and_grad(zV.load(b, d0, t, cnt), nullptr);
+    yV.store(b, d0, t, yv, cnt);
+    if (STATS && (t % K == K - 1 || t == L - 1)) acc->flush();
+  }
+  if (lastp) {
+    for (int j = 0; j < cnt; ++j)
+      for (int64_t m = 0; m < N; ++m) lastp[(b * D + d0 + j) * N + m] = h[m][j];
+  }
+}
+
+// (Bz, nblk, N, W) float64 partials -> (D, N): summed over the batch, padded channels dropped.
+at::Tensor moments_to_dn(const at::Tensor& part, const Dims& dm) {
+  return part.sum(0).permute({0, 2, 1}).reshape({dm.nblk * W, dm.N}).narrow(0, 0, dm.D).contiguous();
+}
+
+// Returns y, last state, checkpoints, and (when want_moments) the moments om and ie, (d, n) float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bm,
+    const at::Tensor& Cm, const std::optional<at::Tensor>& Dopt, const std::optional<at::Tensor>& zopt,
+    const std::optional<at::Tensor>& biasopt, bool softplus, bool want_last, bool save_ckpt, int64_t K,
+    bool want_moments, const std::optional<at::Tensor>& wopt) {
   check_f32(u, "u");
   check_f32(delta, "delta");
   check_f32c(A, "A");
@@ -290,14 +402,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
   const bool hz = has(zopt);
   TORCH_CHECK(!hz || zopt->sizes() == u.sizes(), "selective_scan_cpu: z shape");
   const float* bp = opt_ptr(biasopt, "delta_bias");
+  const float* wp = want_moments ? opt_ptr(wopt, "moment_weights") : nullptr;
+  TORCH_CHECK(!wp || (wopt->dim() == 2 && wopt->size(0) == Bz && wopt->size(1) == L),
+              "selective_scan_cpu: moment_weights must be (batch, L)");
 
   auto opts = u.options();
   at::Tensor y = empty_like_layout(u);
   at::Tensor last = want_last ? at::empty({Bz, D, N}, opts) : at::empty({0}, opts);
   at::Tensor ckpt = save_ckpt ? at::empty({Bz, nblk, nch, N, W}, opts) : at::empty({0}, opts);
+  auto dopts = opts.dtype(at::kDouble);
+  at::Tensor om_part = want_moments ? at::zeros({Bz, nblk, N, W}, dopts) : at::empty({0}, dopts);
+  at::Tensor ie_part = want_moments ? at::zeros({Bz, nblk, N, W}, dopts) : at::empty({0}, dopts);
+  auto moments = [&]() -> std::pair<at::Tensor, at::Tensor> {
+    if (!want_moments) return {om_part, ie_part};
+    return {moments_to_dn(om_part, dm), moments_to_dn(ie_part, dm)};
+  };
   if (Bz == 0 || D == 0) {
     if (want_last) last.zero_();
-    return {y, last, ckpt};
+    auto [om, ie] = moments();
+    return {y, last, ckpt, om, ie};
   }
 
   const View3 uV(u), dlV(delta), yV(y);
@@ -306,57 +429,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
   const float* Cp = Cm.data_ptr<float>();
   float* lastp = want_last ? last.data_ptr<float>() : nullptr;
   float* ckp = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
+  double* omp = want_moments ? om_part.data_ptr<double>() : nullptr;
+  double* iep = want_moments ? ie_part.data_ptr<double>() : nullptr;
   const std::vector<vf> Av = pack_A(A.data_ptr<float>(), dm);
 
   at::parallel_for(0, Bz * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<vf> h(N);
+    MomentAcc acc(want_moments ? N : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, blk = task % nblk;
-      const int64_t d0 = blk * W;
-      const int cnt = (int)std::min<int64_t>(W, D - d0);
       const vf* Ab = Av.data() + blk * N;
-      const vf Dv = Dp ? loadn(Dp + d0, cnt) : splat(0.f);
-      const vf bv = bp ? loadn(bp + d0, cnt) : splat(0.f);
-      std::fill(h.begin(), h.end(), splat(0.f));
-      for (int64_t t = 0; t < L; ++t) {
-        if (ckp && t % K == 0) {
-          std::memcpy(ckp + (((b * nblk + blk) * nch + t / K) * N) * W, h.data(), sizeof(vf) * N);
-        }
-        vf x = dlV.load(b, d0, t, cnt) + bv;
-        vf dt = softplus ? vsoftplus(x, nullptr) : x;
-        vf uv = uV.load(b, d0, t, cnt);
-        vf dtu = dt * uv;
-        const float* Bt = Bp + (b * L + t) * N;
-        const float* Ct = Cp + (b * L + t) * N;
-        vf y0 = Dv * uv, y1 = splat(0.f);
-        int64_t n = 0;
-        for (; n + 1 < N; n += 2) {
-          vf a0 = vexp(dt * Ab[n]);
-          vf a1 = vexp(dt * Ab[n + 1]);
-          vf h0 = a0 * h[n] + dtu * Bt[n];
-          vf h1 = a1 * h[n + 1] + dtu * Bt[n + 1];
-          h[n] = h0;
-          h[n + 1] = h1;
-          y0 += h0 * Ct[n];
-          y1 += h1 * Ct[n + 1];
-        }
-        if (n < N) {
-          vf a0 = vexp(dt * Ab[n]);
-          vf h0 = a0 * h[n] + dtu * Bt[n];
-          h[n] = h0;
-          y0 += h0 * Ct[n];
-        }
-        vf yv = y0 + y1;
-        if (hz) yv = yv * silu_and_grad(zV.load(b, d0, t, cnt), nullptr);
-        yV.store(b, d0, t, yv, cnt);
-      }
-      if (lastp) {
-        for (int j = 0; j < cnt; ++j)
-          for (int64_t n = 0; n < N; ++n) lastp[(b * D + d0 + j) * N + n] = h[n][j];
+      if (want_moments) {
+        fwd_task<true>(b, blk, dm, uV, dlV, yV, zV, hz, Bp, Cp, Dp, bp, wp, softplus, Ab, h, ckp, lastp, &acc);
+        std::memcpy(omp + task * N * W, acc.om64.data(), sizeof(double) * N * W);
+        std::memcpy(iep + task * N * W, acc.ie64.data(), sizeof(double) * N * W);
+      } else {
+        fwd_task<false>(b, blk, dm, uV, dlV, yV, zV, hz, Bp, Cp, Dp, bp, wp, softplus, Ab, h, ckp, lastp,
+                        nullptr);
       }
     }
   });
-  return {y, last, ckpt};
+  auto [om, ie] = moments();
+  return {y, last, ckpt, om, ie};
 }
 
 std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -559,19 +653,136 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   return {du, ddelta, dA, dB, dC, dD, dz};
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Depthwise causal conv1d (+ optional SiLU) in channels-last layout, forward and backward, float32:
+//   x, y, gy, dx : (batch, L, d) with channels contiguous (stride(2) == 1), any batch/time strides
+//   w            : (K, d) contiguous (the (d, K) weight transposed), bias: (d,) or none
+//   pre[t, c] = bias[c] + sum_k w[k, c] * x[t - K + 1 + k, c]   (x = 0 before t = 0)
+//   y = silu(pre) if silu else pre
+// Vectorised over 16 channels; parallel over batch rows. The backward recomputes pre.
+// ---------------------------------------------------------------------------------------------------
+struct View3cl {
+  float* p = nullptr;
+  int64_t sb = 0, st = 0;
+  View3cl() = default;
+  explicit View3cl(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), st(t.stride(1)) {
+    TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, "causal_conv1d_cpu: channels must be contiguous");
+  }
+  inline float* at(int64_t b, int64_t t) const { return p + b * sb + t * st; }
+};
+
+inline vf conv_pre(const View3cl& xV, int64_t b, int64_t t, int64_t c0, int cnt, const float* wp, int64_t D,
+                   int64_t K, vf bias) {
+  vf acc = bias;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = t - K + 1 + k;
+    if (s < 0) continue;
+    acc += loadn(wp + k * D + c0, cnt) * loadn(xV.at(b, s) + c0, cnt);
+  }
+  return acc;
+}
+
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& biasopt, bool silu) {
+  check_f32(x, "x");
+  check_f32c(w, "weight");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 2 && w.size(1) == x.size(2), "causal_conv1d_cpu: bad shapes");
+  const int64_t Bz = x.size(0), L = x.size(1), D = x.size(2), K = w.size(0);
+  const float* bp = opt_ptr(biasopt, "bias");
+  at::Tensor y = at::empty({Bz, L, D}, x.options());
+  if (y.numel() == 0) return y;
+  const View3cl xV(x), yV(y);
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, Bz * L, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / L, t = i % L;
+      for (int64_t c0 = 0; c0 < D; c0 += W) {
+        const int cnt = (int)std::min<int64_t>(W, D - c0);
+        vf pre = conv_pre(xV, b, t, c0, cnt, wp, D, K, bp ? loadn(bp + c0, cnt) : splat(0.f));
+        storen(yV.at(b, t) + c0, silu ? silu_and_grad(pre, nullptr) : pre, cnt);
+      }
+    }
+  });
+  return y;
+}
+
+// Returns dx (batch, L, d), dw (K, d), dbias (d,) (empty without bias).
+std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& biasopt,
+                                 bool silu, const at::Tensor& gy) {
+  check_f32(x, "x");
+  check_f32c(w, "weight");
+  check_f32(gy, "grad_y");
+  TORCH_CHECK(gy.sizes() == x.sizes(), "causal_conv1d_cpu: grad_y shape");
+  const int64_t Bz = x.size(0), L = x.size(1), D = x.size(2), K = w.size(0);
+  const float* bp = opt_ptr(biasopt, "bias");
+  auto opts = x.options();
+  at::Tensor dx = at::empty({Bz, L, D}, opts);
+  at::Tensor dw_part = at::zeros({Bz, K, D}, opts);
+  at::Tensor db_part = at::zeros({Bz, D}, opts);
+  if (x.numel() > 0) {
+    const View3cl xV(x), gV(gy), dxV(dx);
+    const float* wp = w.data_ptr<float>();
+    float* dwp = dw_part.data_ptr<float>();
+    float* dbp = db_part.data_ptr<float>();
+    at::parallel_for(0, Bz, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> g(L * D);  // d loss / d pre of one batch row
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t t = 0; t < L; ++t) {
+          for (int64_t c0 = 0; c0 < D; c0 += W) {
+            const int cnt = (int)std::min<int64_t>(W, D - c0);
+            vf gv = loadn(gV.at(b, t) + c0, cnt);
+            if (silu) {
+              vf pre = conv_pre(xV, b, t, c0, cnt, wp, D, K, bp ? loadn(bp + c0, cnt) : splat(0.f));
+              vf ds;
+              silu_and_grad(pre, &ds);
+              gv = gv * ds;
+            }
+            storen(g.data() + t * D + c0, gv, cnt);
+          }
+        }
+        float* dwb = dwp + b * K * D;
+        float* dbb = dbp + b * D;
+        for (int64_t s = 0; s < L; ++s) {
+          for (int64_t c0 = 0; c0 < D; c0 += W) {
+            const int cnt = (int)std::min<int64_t>(W, D - c0);
+            const vf xv = loadn(xV.at(b, s) + c0, cnt);
+            vf acc = splat(0.f);
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t t = s + K - 1 - k;  // output that reads x[s] through tap k
+              if (t >= L) continue;
+              const vf gt = loadn(g.data() + t * D + c0, cnt);
+              acc += loadn(wp + k * D + c0, cnt) * gt;
+              storen(dwb + k * D + c0, loadn(dwb + k * D + c0, cnt) + gt * xv, cnt);
+            }
+            storen(dxV.at(b, s) + c0, acc, cnt);
+            storen(dbb + c0, loadn(dbb + c0, cnt) + loadn(g.data() + s * D + c0, cnt), cnt);
+          }
+        }
+      }
+    });
+  }
+  at::Tensor db = bp ? db_part.sum(0) : at::empty({0}, opts);
+  return {dx, dw_part.sum(0), db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(compressm_scan, m) {
   m.def(
       "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-      "bool softplus, bool want_last, bool save_ckpt, int chunk) -> (Tensor, Tensor, Tensor)");
+      "bool softplus, bool want_last, bool save_ckpt, int chunk, bool want_moments, Tensor? moment_weights) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
       "bool softplus, Tensor ckpt, Tensor grad_y, Tensor? grad_last, int chunk, bool store_dA, int groups) "
       "-> Tensor[]");
+  m.def("conv_fwd(Tensor x, Tensor w, Tensor? bias, bool silu) -> Tensor");
+  m.def("conv_bwd(Tensor x, Tensor w, Tensor? bias, bool silu, Tensor grad_y) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(compressm_scan, CPU, m) {
   m.impl("fwd", &scan_fwd);
   m.impl("bwd", &scan_bwd);
+  m.impl("conv_fwd", &conv_fwd);
+  m.impl("conv_bwd", &conv_bwd);
 }

@@ -1,4 +1,8 @@
-"""Linear Recurrent Unit (LRU) models in the transformers style, compressible by CompreSSM."""
+"""Linear Recurrent Unit (LRU) models in the transformers style, compressible by CompreSSM.
+
+Registered with the Auto classes by ``compressm_hf.modeling.register_auto_classes`` (run when the parent
+package is imported).
+"""
 
 from .configuration_lru import LRUConfig
 from .modeling_lru import (

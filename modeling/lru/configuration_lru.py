@@ -22,10 +22,19 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-_NORM_TYPES = ("layernorm", "rmsnorm")
+_NORM_TYPES = ("layernorm", "rmsnorm", "batchnorm")
+_INITIALIZERS = ("normal", "fan_in_uniform")
 _POOLINGS = ("mean", "last")
 _SCANS = ("parallel", "sequential")
-_FLOAT_FIELDS = ("r_min", "r_max", "max_phase", "hidden_dropout", "layer_norm_epsilon", "initializer_range")
+_FLOAT_FIELDS = (
+    "r_min",
+    "r_max",
+    "max_phase",
+    "hidden_dropout",
+    "layer_norm_epsilon",
+    "batch_norm_momentum",
+    "initializer_range",
+)
 
 
 @strict
@@ -33,9 +42,15 @@ class LRUConfig(PreTrainedConfig):
     r"""
     Configuration of a stack of Linear Recurrent Unit blocks (Orvieto et al. 2023), the diagonal complex linear
     state space model that CompreSSM (arXiv 2510.02823) compresses during training by balanced truncation.
-    Each block is ``x + GLU(dropout(GELU(LRU(norm(x)))))`` followed by dropout (pre-norm; the paper uses a
-    BatchNorm, which cannot run causally token by token). Every layer may have its own state size
-    (``state_sizes``): reductions shrink layers independently and write the new sizes here.
+    Each block is ``x + dropout(GLU(dropout(GELU(LRU(norm(x))))))`` (pre-norm), followed after the last block by
+    an optional final norm. Every layer may have its own state size (``state_sizes``): reductions shrink layers
+    independently and write the new sizes here.
+
+    The defaults suit language modelling (LayerNorm, final norm, normal init). The block of the paper's official
+    code (BatchNorm without affine, no final norm, fan-in uniform init, ring `[0.9, 0.999]`, dropout 0.1) is
+    `norm_type="batchnorm", final_norm=False, initializer="fan_in_uniform"`; the classmethod
+    [`~LRUConfig.paper_sequence_classification`] builds it, and is the recommended start for sequence
+    classification of continuous signals.
 
     Args:
         vocab_size (`int`, *optional*, defaults to 256):
@@ -63,12 +78,25 @@ class LRUConfig(PreTrainedConfig):
         hidden_dropout (`float`, *optional*, defaults to 0.0):
             Dropout probability after the LRU (GELU) and after the GLU, in `[0, 1)`.
         norm_type (`str`, *optional*, defaults to `"layernorm"`):
-            Pre-norm of each block and final norm: `"layernorm"` or `"rmsnorm"`.
+            Pre-norm of each block and final norm: `"layernorm"`, `"rmsnorm"`, or `"batchnorm"` (the paper's:
+            no affine parameters; in training, statistics over the batch and time, padding positions of
+            `attention_mask` left out, and running statistics updated; in evaluation, the running statistics).
+            `"batchnorm"` is refused by `LRUForCausalLM` (its training statistics span the whole sequence, so a
+            position would see later tokens) and for a recurrent cache in training mode.
         layer_norm_epsilon (`float`, *optional*, defaults to 1e-05):
             Epsilon of the normalization layers, `> 0`.
+        batch_norm_momentum (`float`, *optional*, defaults to 0.1):
+            Momentum of the BatchNorm running statistics (torch convention: `running = (1 - m) running + m batch`),
+            in `(0, 1]`. The official code's Equinox BatchNorm keeps `0.99` of the old value, i.e. `m = 0.01`.
+        final_norm (`bool`, *optional*, defaults to `True`):
+            Whether a norm (of `norm_type`) follows the last block. The paper's model has none.
+        initializer (`str`, *optional*, defaults to `"normal"`):
+            Initialization of the linear and embedding layers: `"normal"` (weights `N(0, initializer_range)`,
+            biases 0) or `"fan_in_uniform"` (the official code's Equinox default: linear weights and biases
+            `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, embeddings `N(0, 1)`). The LRU parameters always use the ring
+            initialization (`r_min`, `r_max`, `max_phase`).
         initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the normal initialization of the linear and embedding layers, `> 0`. The LRU
-            parameters use the ring initialization (`r_min`, `r_max`, `max_phase`) instead.
+            Standard deviation of the `"normal"` initialization, `> 0` (unused by `"fan_in_uniform"`).
         input_size (`int`, *optional*):
             `None`: the inputs are token ids, embedded by an `nn.Embedding`. An integer `d >= 1`: the inputs are
             continuous features of shape `(batch, seq_len, d)` passed as `inputs_embeds` and encoded by a linear
@@ -125,6 +153,9 @@ class LRUConfig(PreTrainedConfig):
     hidden_dropout: float | int = 0.0
     norm_type: str = "layernorm"
     layer_norm_epsilon: float | int = 1e-5
+    batch_norm_momentum: float | int = 0.1
+    final_norm: bool = True
+    initializer: str = "normal"
     initializer_range: float | int = 0.02
     input_size: int | None = None
     classifier_pooling: str = "mean"
@@ -185,6 +216,16 @@ class LRUConfig(PreTrainedConfig):
             raise ValueError(f"LRUConfig: `norm_type` must be one of {_NORM_TYPES}, got {self.norm_type!r}.")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"LRUConfig: `layer_norm_epsilon` must be > 0, got {self.layer_norm_epsilon!r}.")
+        if not 0.0 < self.batch_norm_momentum <= 1.0:
+            raise ValueError(
+                f"LRUConfig: `batch_norm_momentum` must be in (0, 1], got {self.batch_norm_momentum!r}."
+            )
+        if not isinstance(self.final_norm, bool):
+            raise ValueError(f"LRUConfig: `final_norm` must be True or False, got {self.final_norm!r}.")
+        if self.initializer not in _INITIALIZERS:
+            raise ValueError(
+                f"LRUConfig: `initializer` must be one of {_INITIALIZERS}, got {self.initializer!r}."
+            )
         if not self.initializer_range > 0:
             raise ValueError(f"LRUConfig: `initializer_range` must be > 0, got {self.initializer_range!r}.")
         if self.input_size is not None and (isinstance(self.input_size, bool) or self.input_size < 1):
@@ -203,6 +244,35 @@ class LRUConfig(PreTrainedConfig):
         if self.compression is not None and not isinstance(self.compression, dict):
             raise ValueError(f"LRUConfig: `compression` must be None or a dict, got {self.compression!r}.")
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def paper_sequence_classification(cls, **overrides) -> "LRUConfig":
+        """The sequence-classification model of the paper's official code (sMNIST setup, ``configs/paper``).
+
+        One block, hidden size 8, 256 complex states, continuous inputs of one channel (``input_size=1``),
+        BatchNorm without affine (running-statistics momentum 0.01, as Equinox's 0.99 decay), no final norm,
+        fan-in uniform initialization, ring ``[0.9, 0.999]`` with phases in ``[0, 6.28)``, dropout 0.1, mean
+        pooling, 10 classes. Any field can be overridden, e.g.
+        ``LRUConfig.paper_sequence_classification(hidden_size=32, num_labels=4)``.
+        """
+        fields = dict(
+            num_hidden_layers=1,
+            hidden_size=8,
+            state_size=256,
+            input_size=1,
+            num_labels=10,
+            norm_type="batchnorm",
+            batch_norm_momentum=0.01,
+            final_norm=False,
+            initializer="fan_in_uniform",
+            r_min=0.9,
+            r_max=0.999,
+            max_phase=6.28,
+            hidden_dropout=0.1,
+            classifier_pooling="mean",
+        )
+        fields.update(overrides)
+        return cls(**fields)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

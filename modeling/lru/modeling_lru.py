@@ -45,6 +45,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
+from .checkpoint_keys import drop_tied_missing_keys, refuse_adapter_wrapped_checkpoint
 from .configuration_lru import LRUConfig
 from .scan_lru import lru_scan_chunked, lru_scan_sequential
 
@@ -162,10 +163,76 @@ class LRURMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
 
 
+class LRUBatchNorm(nn.BatchNorm1d):
+    """BatchNorm without affine parameters over ``(batch, seq_len, H)`` inputs, as in the paper's LRU block.
+
+    Training mode: each of the ``H`` channels is normalized with the mean and (biased) variance over the batch
+    *and* time, computed over the real positions only when an ``attention_mask`` is given (padding positions
+    come out as 0), and the running statistics (buffers ``running_mean``, ``running_var``, of shape ``(H,)``,
+    float32) are updated with ``momentum``. Evaluation mode: the running statistics, position by position, so
+    the output at a position depends on that position only. (Under gradient checkpointing the recomputed
+    forward updates the running statistics a second time with the same batch.)
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(hidden_size, eps=eps, momentum=momentum, affine=False, track_running_stats=True)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(batch, seq_len, H) -> (batch, seq_len, H)``; ``attention_mask`` ``(batch, >= seq_len)``, 1 = real."""
+        hidden = hidden_states.shape[-1]
+        if not self.training:
+            return self._normalize(hidden_states.reshape(-1, hidden)).reshape(hidden_states.shape)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -hidden_states.shape[1] :] != 0
+            if bool(mask.all()):
+                mask = None
+        rows = hidden_states.reshape(-1, hidden) if mask is None else hidden_states[mask]
+        if rows.shape[0] < 2:
+            raise ValueError(
+                f"BatchNorm (config.norm_type='batchnorm') needs at least 2 real positions per training batch to "
+                f"compute its statistics, got {rows.shape[0]} (batch {hidden_states.shape[0]} x seq_len "
+                f"{hidden_states.shape[1]}, padding excluded); use larger batches or norm_type 'layernorm'."
+            )
+        self.num_batches_tracked.add_(1)
+        normalized = self._normalize(rows)
+        if mask is None:
+            return normalized.reshape(hidden_states.shape)
+        return torch.zeros_like(hidden_states).masked_scatter(mask[..., None], normalized)
+
+    def _normalize(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(rows, H)``: batch statistics (and a running-statistics update) in training, running ones in eval."""
+        return F.batch_norm(
+            rows,
+            self.running_mean,
+            self.running_var,
+            weight=None,
+            bias=None,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+
+
 def _make_norm(config: LRUConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return LRURMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+    if config.norm_type == "batchnorm":
+        return LRUBatchNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon, momentum=config.batch_norm_momentum
+        )
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+def _apply_norm(
+    norm: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Apply a block or final norm; only BatchNorm reads the mask (its statistics skip padding)."""
+    if isinstance(norm, LRUBatchNorm):
+        return norm(hidden_states, attention_mask)
+    return norm(hidden_states)
 
 
 class LRUMixer(nn.Module):
@@ -466,7 +533,9 @@ class LRUBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.mixer(self.norm(hidden_states), cache=cache, attention_mask=attention_mask)
+        hidden_states = self.mixer(
+            _apply_norm(self.norm, hidden_states, attention_mask), cache=cache, attention_mask=attention_mask
+        )
         hidden_states = self.dropout(F.gelu(hidden_states))
         hidden_states = self.dropout(self.glu(hidden_states))
         return residual + hidden_states
@@ -481,9 +550,32 @@ class LRUPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True
 
+    def post_init(self):
+        super().post_init()
+        # a tied lm_head is never saved: `load_state_dict` (Trainer resume) must not report it missing
+        self.register_load_state_dict_post_hook(drop_tied_missing_keys)
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        source = self.name_or_path or "the checkpoint"
+        refuse_adapter_wrapped_checkpoint(
+            self, loading_info.missing_keys, loading_info.unexpected_keys, source
+        )
+
     @torch.no_grad()
     def _init_weights(self, module):
-        """Linear/embedding layers: normal(0, initializer_range), norms: ones/zeros, LRU mixers: ring init."""
+        """Linear/embedding layers: ``normal(0, initializer_range)`` (biases 0), or with
+        ``config.initializer == "fan_in_uniform"`` linear weights and biases ``U(+-1/sqrt(fan_in))`` and embeddings
+        ``N(0, 1)``; norms: ones/zeros (BatchNorm running statistics: mean 0, variance 1); LRU mixers: ring init."""
+        if self.config.initializer == "fan_in_uniform" and isinstance(module, nn.Linear):
+            bound = 1.0 / math.sqrt(module.in_features)
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.uniform_(module.bias, -bound, bound)
+            return
+        if self.config.initializer == "fan_in_uniform" and isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+            return
         super()._init_weights(module)
         if isinstance(module, LRUMixer):
             module.init_lru_weights()
@@ -493,8 +585,8 @@ class LRUPreTrainedModel(PreTrainedModel):
 
 class LRUModel(LRUPreTrainedModel):
     """The bare LRU stack: input encoder (embedding, or a linear layer for continuous features), blocks and a
-    final norm. Returns ``BaseModelOutputWithPast`` whose cache (field ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before) is an :class:`LRUCache`."""
+    final norm (if ``config.final_norm``). Returns ``BaseModelOutputWithPast`` whose cache (field ``cache`` from
+    transformers 5.24 on, ``past_key_values`` before) is an :class:`LRUCache`."""
 
     def __init__(self, config: LRUConfig):
         super().__init__(config)
@@ -505,7 +597,7 @@ class LRUModel(LRUPreTrainedModel):
             self.embeddings = None
             self.encoder = nn.Linear(config.input_size, config.hidden_size)
         self.layers = nn.ModuleList([LRUBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.norm_f = _make_norm(config)
+        self.norm_f = _make_norm(config) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -590,13 +682,19 @@ class LRUModel(LRUPreTrainedModel):
             use_cache = False
         if use_cache and cache is None:
             cache = LRUCache(self.config)
+        if cache is not None and self.training and self.config.norm_type == "batchnorm":
+            raise ValueError(
+                "A recurrent cache cannot be used in training mode with config.norm_type='batchnorm': BatchNorm "
+                "then normalizes each call with that call's own batch statistics, so decoding token by token "
+                "would not match the full forward. Call model.eval() (running statistics) or pass use_cache=False."
+            )
 
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = self.norm_f(hidden_states)
+        hidden_states = _apply_norm(self.norm_f, hidden_states, attention_mask)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         if cache is not None:
@@ -621,6 +719,12 @@ class LRUForCausalLM(LRUPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"LRUForCausalLM predicts tokens and needs token inputs: config.input_size must be None, got "
                 f"{config.input_size}."
+            )
+        if config.norm_type == "batchnorm":
+            raise ValueError(
+                "LRUForCausalLM cannot use config.norm_type='batchnorm': in training BatchNorm takes its statistics "
+                "over the whole sequence, so the prediction at a position would depend on later tokens. Use "
+                "'layernorm' or 'rmsnorm' for language modelling (BatchNorm is meant for sequence classification)."
             )
         self.model = LRUModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -824,6 +928,7 @@ LRUForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 LRUForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "LRUBatchNorm",
     "LRUCache",
     "LRUForCausalLM",
     "LRUForSequenceClassification",

@@ -1,15 +1,11 @@
 """CompreSSM Mamba (model_type ``compressm_mamba``): Mamba LMs with per-layer state sizes.
 
-Importing this package registers the classes with the transformers Auto classes
-(``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``) and marks them with
-``register_for_auto_class``, so that ``save_pretrained`` writes ``auto_map`` into ``config.json`` and
-copies the model code next to the weights (``from_pretrained(..., trust_remote_code=True)`` then works
-without compressm_hf installed).
+The Auto-class registration (and ``register_for_auto_class``, so that ``save_pretrained`` writes
+``auto_map`` and copies the model code) is done for every architecture in one place:
+``compressm_hf.modeling.register_auto_classes``, run when the parent package is imported.
 """
 
 from __future__ import annotations
-
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .modeling_compressm_mamba import (
@@ -24,14 +20,6 @@ from .modeling_compressm_mamba import (
     UnsupportedAdapterError,
     export_to_mamba,
 )
-
-AutoConfig.register(CompreSSMMambaConfig.model_type, CompreSSMMambaConfig, exist_ok=True)
-AutoModel.register(CompreSSMMambaConfig, CompreSSMMambaModel, exist_ok=True)
-AutoModelForCausalLM.register(CompreSSMMambaConfig, CompreSSMMambaForCausalLM, exist_ok=True)
-
-CompreSSMMambaConfig.register_for_auto_class()
-CompreSSMMambaModel.register_for_auto_class("AutoModel")
-CompreSSMMambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "CompreSSMMambaBlock",

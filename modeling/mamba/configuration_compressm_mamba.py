@@ -1,7 +1,7 @@
 """Configuration of CompreSSM Mamba: transformers' ``MambaConfig`` with one state size per layer.
 
-This file is copied next to saved models (``trust_remote_code``): it imports only transformers and
-huggingface_hub (a dependency of transformers).
+This file is copied next to saved models (``trust_remote_code``): it imports only transformers,
+huggingface_hub (a dependency of transformers) and the same-folder ``configuration_common``.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import MambaConfig
 
+from .configuration_common import PerLayerStateSizesMixin
+
 
 @strict
-class CompreSSMMambaConfig(MambaConfig):
+class CompreSSMMambaConfig(PerLayerStateSizesMixin, MambaConfig):
     r"""Configuration of a Mamba (S6) language model whose layers may have different state sizes.
 
     Every field of [`transformers.MambaConfig`] keeps its meaning and default; parameter names and
@@ -53,48 +55,7 @@ class CompreSSMMambaConfig(MambaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.state_sizes is None:
-            self.state_sizes = [int(self.state_size)] * int(self.num_hidden_layers)
-        elif isinstance(self.state_sizes, (list, tuple)):
-            self.state_sizes = list(self.state_sizes)
-        else:
-            raise ValueError(
-                f"state_sizes must be a list with one int per layer (num_hidden_layers={self.num_hidden_layers}), "
-                f"got the {type(self.state_sizes).__name__} {self.state_sizes!r}; e.g. state_sizes="
-                f"{[16] * int(self.num_hidden_layers)}, or set state_size for the same size in every layer."
-            )
-        self.validate_state_sizes()
-        self.state_size = max(self.state_sizes)
-
-    def validate_state_sizes(self):
-        """Raise ``ValueError`` (naming the bad value) unless ``state_sizes`` fits ``num_hidden_layers``."""
-        sizes = self.state_sizes
-        if len(sizes) != self.num_hidden_layers:
-            raise ValueError(
-                f"state_sizes has {len(sizes)} entries ({sizes}) but num_hidden_layers is "
-                f"{self.num_hidden_layers}: give exactly one state size per layer."
-            )
-        for i, n in enumerate(sizes):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(
-                    f"state_sizes[{i}] is {n!r}; every state size must be an int >= 1 (got {sizes})."
-                )
-
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """transformers' ``get_config_dict``, refusing a checkpoint that is neither ``compressm_mamba`` nor
-        stock ``mamba``: transformers only warns there, and the model would come back with every weight
-        freshly initialized."""
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        found = config_dict.get("model_type")
-        if found is not None and found not in cls.loadable_model_types:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds a `{found}` checkpoint, which {cls.__name__} "
-                f"(model_type `{cls.model_type}`) cannot load: none of its weights would be used. Load it with the "
-                f"classes of `{found}` (e.g. AutoModelForCausalLM.from_pretrained), or pass a "
-                f"{' or '.join(f'`{t}`' for t in cls.loadable_model_types)} checkpoint."
-            )
-        return config_dict, kwargs
+        self.init_state_sizes()
 
 
 __all__ = ["CompreSSMMambaConfig"]

@@ -20,13 +20,7 @@ transformers and same-folder modules (never ``compressm_hf``).
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.activations import ACT2FN
@@ -40,8 +34,26 @@ from transformers.models.mamba.modeling_mamba import (
 )
 from transformers.utils import logging
 
+from .checkpoint_keys import (
+    compressed_adapter_mismatch,
+    drop_tied_missing_keys,
+    refuse_adapter_wrapped_checkpoint,
+)
 from .configuration_compressm_mamba import CompreSSMMambaConfig
-from .scan_mamba import selective_scan
+from .modeling_common import (
+    Conv1dAdapterGuard,
+    MissingStatisticsError,
+    NonUniformStateSizesError,
+    ParamSwap,
+    UnsupportedAdapterError,
+    _accept_both_cache_names,
+    _is_plain,
+    _make_lti_system,
+    _one_cache,
+    _refuse_adapters,
+    _save_as_stock,
+)
+from .scan_mamba import ScanMoments, selective_scan
 
 try:  # private helpers of transformers' Mamba (5.20-5.24); they may dispatch to hub kernels
     from transformers.models.mamba.modeling_mamba import (
@@ -57,49 +69,23 @@ except ImportError:  # moved or renamed in a later transformers: same semantics 
         causal_conv1d_update,
         mamba_selective_state_update,
     )
+from . import ops_mamba as _plain_ops
+from .ops_mamba import plain_off_cuda as _plain_off_cuda
+
+
+causal_conv1d_fn = _plain_off_cuda(causal_conv1d_fn, _plain_ops.causal_conv1d_fn)
+causal_conv1d_update = _plain_off_cuda(causal_conv1d_update, _plain_ops.causal_conv1d_update)
+mamba_selective_state_update = _plain_off_cuda(
+    mamba_selective_state_update, _plain_ops.mamba_selective_state_update
+)
 
 logger = logging.get_logger(__name__)
 
 # Largest modulus reported for the averaged decay: keeps the surrogate strictly stable even when
 # exp(dt * A) rounds to 1 for a nearly-zero A (a state with very long memory scores very high anyway).
 _MAX_SURROGATE_MODULUS = 1.0 - 1e-9
-# Elements per chunk of the (batch, d_inner, time, state) decay tensor built while collecting statistics.
-_STATS_CHUNK_ELEMENTS = 1 << 22
 
 SUPPORTED_ADAPTER_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj", "embeddings")
-
-
-class ParamSwap(NamedTuple):
-    """One parameter replaced by :meth:`CompreSSMMambaMixer.reduce_` (duck-types ``compressm_hf.ParamSwap``)."""
-
-    old: nn.Parameter
-    new: nn.Parameter
-    state_dim: int | None
-    keep: torch.Tensor | None
-
-
-class MissingStatisticsError(ValueError):
-    """``lti_system()`` was called before any statistics were collected."""
-
-
-class UnsupportedAdapterError(ValueError):
-    """An adapter (e.g. LoRA) sits on a module whose weights the mixer reads directly, or on a module
-    a reduction cannot slice."""
-
-
-class NonUniformStateSizesError(ValueError):
-    """A model whose layers have different state sizes cannot be exported to a stock ``mamba`` checkpoint."""
-
-
-def _is_plain(module: nn.Module, cls: type) -> bool:
-    return isinstance(module, cls) and not hasattr(module, "base_layer")
-
-
-def _is_modules_to_save(module: nn.Module) -> bool:
-    """peft's ``ModulesToSaveWrapper`` (duck-typed: peft is optional)."""
-    return hasattr(module, "original_module") and isinstance(
-        getattr(module, "modules_to_save", None), nn.ModuleDict
-    )
 
 
 def _state_rows(time_step_rank: int, n: int, keep: torch.Tensor) -> torch.Tensor:
@@ -125,7 +111,14 @@ def _resize_columns(a_log: torch.Tensor, new_n: int) -> torch.Tensor:
     return torch.cat([a_log, a_log.new_zeros(a_log.shape[0], new_n - n)], dim=1)
 
 
-class CompreSSMMambaMixer(MambaMixer):
+def _token_weights(attention_mask, batch: int, length: int) -> torch.Tensor | None:
+    """``(batch, length)`` float32 token weights from a padding mask of that shape, else None (all 1)."""
+    if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
+        return attention_mask.to(torch.float32)
+    return None
+
+
+class CompreSSMMambaMixer(Conv1dAdapterGuard, MambaMixer):
     """Mamba (S6) mixer with its own state size and the CompreSSM reduction protocol.
 
     A reimplementation of `transformers.MambaMixer` (and an instance of it, so transformers' weight
@@ -148,6 +141,9 @@ class CompreSSMMambaMixer(MambaMixer):
         collect_statistics: when True and the module is training, every full-sequence forward
             accumulates the surrogate statistics (see :meth:`lti_system`).
     """
+
+    supported_adapter_targets = SUPPORTED_ADAPTER_TARGETS
+    adapter_targets_note = " (lm_head is tied to embeddings)"
 
     def __init__(self, config: CompreSSMMambaConfig, layer_idx: int, initialize_mixer_weights: bool = False):
         nn.Module.__init__(self)
@@ -197,31 +193,6 @@ class CompreSSMMambaMixer(MambaMixer):
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, state_size={self.ssm_state_size}"
 
-    # ------------------------------------------------------------------ adapter guard
-
-    def __setattr__(self, name, value):
-        # peft injects adapters with setattr(parent, name, wrapper): refuse wrappers the forward would bypass.
-        if (
-            name == "conv1d"
-            and isinstance(value, nn.Module)
-            and "conv1d" in self.__dict__.get("_modules", {})
-        ):
-            self._check_conv1d(value)
-        super().__setattr__(name, value)
-
-    def _check_conv1d(self, module: nn.Module) -> None:
-        # peft's ModulesToSaveWrapper (modules_to_save=["conv1d"]) forwards `.weight`/`.bias` to the active
-        # trainable copy, so reading the raw weight still trains it: allowed.
-        if _is_modules_to_save(module) and isinstance(module.original_module, nn.Conv1d):
-            return
-        if not _is_plain(module, nn.Conv1d):
-            raise UnsupportedAdapterError(
-                f"Module 'conv1d' of layer {self.layer_idx} cannot be wrapped ({type(module).__module__}."
-                f"{type(module).__name__}): CompreSSMMambaMixer passes conv1d.weight directly to the causal "
-                f"convolution kernel, so an adapter there would be silently ignored. Adapter targets that "
-                f"train: {', '.join(SUPPORTED_ADAPTER_TARGETS)} (lm_head is tied to embeddings)."
-            )
-
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -261,9 +232,15 @@ class CompreSSMMambaMixer(MambaMixer):
         else:
             if cache_params is not None:
                 x = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-            x = causal_conv1d_fn(
-                x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
-            )
+            if cache_params is None and not x.is_cuda:
+                # one layout (b, L, d) through conv, x_proj and scan: fused conv + SiLU, no transposed copies
+                x = _plain_ops.causal_conv1d_channels_last(
+                    x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation
+                ).transpose(1, 2)
+            else:
+                x = causal_conv1d_fn(
+                    x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+                )
             if cache_params is not None:
                 x = x[:, :, -seq_len:]
 
@@ -274,7 +251,8 @@ class CompreSSMMambaMixer(MambaMixer):
         )
         if _is_plain(self.dt_proj, nn.Linear):
             # as transformers/mamba_ssm: the bias is added in float32 inside the scan
-            dt = self.dt_proj.weight @ time_step.transpose(1, 2)
+            # (b, L, d) viewed as (b, d, L): channels innermost, as the fused scan reads it
+            dt = nn.functional.linear(time_step, self.dt_proj.weight).transpose(1, 2)
             dt_bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
         else:
             # an adapter (e.g. LoRA) wraps dt_proj: run it as a module so that it takes part
@@ -297,8 +275,9 @@ class CompreSSMMambaMixer(MambaMixer):
             ).unsqueeze(-1)
         else:
             u = x.transpose(1, 2)
+            moments = None
             if self.collect_statistics and self.training:
-                self._accumulate_statistics(u, dt, dt_bias, A, B, C, attention_mask)
+                moments = ScanMoments(_token_weights(attention_mask, u.shape[0], u.shape[2]))
             output_final_state = cache_params is not None
             scan_result = selective_scan(
                 u,
@@ -311,7 +290,10 @@ class CompreSSMMambaMixer(MambaMixer):
                 delta_bias=dt_bias,
                 delta_softplus=True,
                 return_last_state=output_final_state,
+                moments=moments,
             )
+            if moments is not None:
+                self._accumulate_statistics(moments, C)
             if output_final_state:
                 scan_output, final_state = scan_result
                 cache_params.update_recurrent_state(final_state, self.layer_idx)
@@ -324,52 +306,34 @@ class CompreSSMMambaMixer(MambaMixer):
     # ------------------------------------------------------------------ statistics (averaged LTI surrogate)
 
     @torch.no_grad()
-    def _accumulate_statistics(self, u, dt, dt_bias, A, B, C, attention_mask) -> None:
+    def _accumulate_statistics(self, moments: ScanMoments, C: torch.Tensor) -> None:
         """Add one batch to the surrogate statistics (float64 accumulators, no grad).
 
-        ``u``, ``dt``: ``(b, d, L)`` scan input and pre-softplus time step; ``B``, ``C``: ``(b, L, n)``.
+        ``moments``: filled by this forward's :func:`selective_scan` (``one_minus_decay`` and
+        ``input_energy``, ``(d, n)`` float64 sums over tokens; fused into the C++ scan on CPU);
+        ``C``: ``(b, L, n)``.
         """
-        b, d, L = u.shape
-        n = A.shape[1]
-        delta = dt.float()
-        if dt_bias is not None:
-            delta = delta + dt_bias.float()[None, :, None]
-        delta = F.softplus(delta)
-        Bf, Cf = B.float(), C.float()
-        w = None
-        if attention_mask is not None and tuple(attention_mask.shape) == (b, L):
-            w = attention_mask.to(torch.float32)
-        drive2 = (delta * u.float()) ** 2  # (dt * u)^2, (b, d, L)
-        C2 = Cf * Cf
+        one_minus_decay, input_energy = moments.one_minus_decay, moments.input_energy
+        d, n = one_minus_decay.shape
+        device = one_minus_decay.device
+        C2 = C.float() * C.float()
+        w = moments.weights
         if w is not None:
-            drive2 = drive2 * w[:, None, :]
-            C2 = C2 * w[..., None]
-            tokens = w.sum().double()  # a tensor: no host sync while training
+            C2 = C2 * w.to(torch.float32)[..., None]
+            tokens = w.to(torch.float64).sum()  # a tensor: no host sync while training
         else:
-            tokens = float(b * L)
-        input_energy = torch.einsum("bdl,bln->dn", drive2, Bf * Bf).double()
+            tokens = float(C.shape[0] * C.shape[1])
         output_energy = C2.sum(dim=(0, 1)).double()
-        # sum over tokens of 1 - exp(delta * A) (= -expm1, accurate when delta * A is tiny), in chunks of
-        # tokens laid out (d, n, tokens) so the reduction runs over the contiguous last dim
-        delta_t = delta.transpose(0, 1).reshape(d, b * L)
-        w_t = None if w is None else w.reshape(b * L)
-        one_minus_decay = torch.zeros(d, n, dtype=torch.float64, device=u.device)
-        chunk = max(1, _STATS_CHUNK_ELEMENTS // max(1, d * n))
-        for t0 in range(0, b * L, chunk):
-            m1 = -torch.expm1(delta_t[:, None, t0 : t0 + chunk] * A[:, :, None])  # (d, n, chunk)
-            if w_t is not None:
-                m1 = m1 * w_t[t0 : t0 + chunk]
-            one_minus_decay += m1.sum(dim=-1).double()
 
         s = self._stats
-        if s is not None and s["one_minus_decay"].device != u.device:  # the model moved: keep the statistics
-            s = self._stats = {k: v.to(u.device) if torch.is_tensor(v) else v for k, v in s.items()}
+        if s is not None and s["one_minus_decay"].device != device:  # the model moved: keep the statistics
+            s = self._stats = {k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()}
         if s is None or s["one_minus_decay"].shape != (d, n):
             s = self._stats = {
-                "one_minus_decay": torch.zeros(d, n, dtype=torch.float64, device=u.device),
-                "input_energy": torch.zeros(d, n, dtype=torch.float64, device=u.device),
-                "output_energy": torch.zeros(n, dtype=torch.float64, device=u.device),
-                "tokens": torch.zeros((), dtype=torch.float64, device=u.device),
+                "one_minus_decay": torch.zeros(d, n, dtype=torch.float64, device=device),
+                "input_energy": torch.zeros(d, n, dtype=torch.float64, device=device),
+                "output_energy": torch.zeros(n, dtype=torch.float64, device=device),
+                "tokens": torch.zeros((), dtype=torch.float64, device=device),
                 "batches": 0,
             }
         s["one_minus_decay"] += one_minus_decay
@@ -592,51 +556,15 @@ class CompreSSMMambaMixer(MambaMixer):
                 f"to load {prefix}A_log."
             )
             self.resize_(int(a_log.shape[1]))
+        elif a_log is None:  # e.g. a peft adapter file: its x_proj rows must fit this layer's state size
+            rows = self.time_step_rank + 2 * self.ssm_state_size
+            for key in (k for k in state_dict if k.startswith(prefix + "x_proj.lora_B.")):
+                value = state_dict[key]
+                if value.dim() == 2 and value.shape[0] != rows:
+                    raise compressed_adapter_mismatch(key, value.shape, (rows, value.shape[1]))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-
-
-def _one_cache(cache, cache_params):
-    """The cache passed under either name (``cache`` since transformers 5.24, ``cache_params`` before)."""
-    if cache is not None and cache_params is not None and cache is not cache_params:
-        raise ValueError("Pass the recurrent cache once, as `cache` (or the older `cache_params`), not both.")
-    return cache if cache is not None else cache_params
-
-
-def _accept_both_cache_names(parent_forward):
-    """Wrap transformers' ``MambaModel.forward`` / ``MambaForCausalLM.forward`` so that it takes the cache
-    as ``cache`` or as ``cache_params`` whatever the installed transformers calls it (5.24 renamed
-    ``cache_params`` to ``cache``; 5.23 silently ignores an unknown ``cache=``). The wrapper's signature is
-    the parent's plus the other name, so ``generate()``'s keyword validation still sees every argument."""
-    signature = inspect.signature(parent_forward)
-    native = "cache" if "cache" in signature.parameters else "cache_params"
-    other = "cache_params" if native == "cache" else "cache"
-
-    @functools.wraps(parent_forward)
-    def forward(self, *args, **kwargs):
-        if other in kwargs:
-            kwargs[native] = _one_cache(kwargs.pop(native, None), kwargs.pop(other))
-        return parent_forward(self, *args, **kwargs)
-
-    params = list(signature.parameters.values())
-    extra = inspect.Parameter(other, inspect.Parameter.KEYWORD_ONLY, default=None)
-    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    forward.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
-    return forward
-
-
-def _make_lti_system(A, B, C, surrogate):
-    """``compressm_hf.LTISystem`` when the package is importable, else a duck-typed stand-in."""
-    try:
-        from compressm_hf.protocol import LTISystem
-    except ImportError:  # trust_remote_code without compressm_hf installed
-        from types import SimpleNamespace
-
-        return SimpleNamespace(
-            A=A, B=B, C=C, diagonal=True, reduction="modal", surrogate=surrogate, state_size=int(A.shape[-1])
-        )
-    return LTISystem(A=A, B=B, C=C, diagonal=True, reduction="modal", surrogate=surrogate)
 
 
 class CompreSSMMambaBlock(MambaBlock):
@@ -657,6 +585,20 @@ class CompreSSMMambaPreTrainedModel(MambaPreTrainedModel):
     config_class = CompreSSMMambaConfig
     config: CompreSSMMambaConfig
     _no_split_modules = ["CompreSSMMambaBlock", "CompreSSMMambaMixer"]
+
+    def post_init(self):
+        super().post_init()
+        # a tied lm_head is never saved: `load_state_dict` (Trainer resume) must not report it missing
+        self.register_load_state_dict_post_hook(drop_tied_missing_keys)
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        refuse_adapter_wrapped_checkpoint(
+            self,
+            loading_info.missing_keys,
+            loading_info.unexpected_keys,
+            source=self.name_or_path or "the checkpoint",
+        )
 
 
 class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):
@@ -700,16 +642,6 @@ class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM)
 # ---------------------------------------------------------------------- export
 
 
-_NON_MAMBA_KEYS = (
-    "state_sizes",
-    "compression",
-    "auto_map",
-    "architectures",
-    "model_type",
-    "transformers_version",
-)
-
-
 @torch.no_grad()
 def export_to_mamba(
     model: CompreSSMMambaForCausalLM, save_directory, pad: bool = False, **save_kwargs
@@ -734,11 +666,7 @@ def export_to_mamba(
             f"export_to_mamba expects a CompreSSMMambaForCausalLM, got {type(model).__name__} "
             f"(for a peft model call merge_and_unload() first)."
         )
-    wrapped = [name for name, m in model.named_modules() if hasattr(m, "base_layer")]
-    if wrapped:
-        raise UnsupportedAdapterError(
-            f"export_to_mamba: modules {wrapped[:4]} carry adapters; merge them first (peft: merge_and_unload())."
-        )
+    _refuse_adapters(model, "export_to_mamba")
     sizes = [m.state_size for m in model.mixers()]
     n = max(sizes)
     if len(set(sizes)) > 1 and not pad:
@@ -754,18 +682,17 @@ def export_to_mamba(
             p = f"backbone.layers.{i}.mixer."
             state_dict[p + "A_log"] = _resize_columns(state_dict[p + "A_log"], n)
             state_dict[p + "x_proj.weight"] = _resize_rows(state_dict[p + "x_proj.weight"], R, k, n)
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in _NON_MAMBA_KEYS}
-    fields.pop("intermediate_size", None)  # derived from expand * hidden_size
-    fields["state_size"] = n
-    mamba_config = MambaConfig(**fields)
-    mamba_config.architectures = ["MambaForCausalLM"]
-    with torch.device("meta"):
-        stock = MambaForCausalLM(mamba_config)
-    stock.load_state_dict(state_dict, strict=True, assign=True)
-    stock.tie_weights()
-    stock.generation_config = copy.deepcopy(model.generation_config)
-    stock.save_pretrained(save_directory, **save_kwargs)
-    return mamba_config
+    # intermediate_size is derived from expand * hidden_size
+    return _save_as_stock(
+        model,
+        state_dict,
+        MambaForCausalLM,
+        MambaConfig,
+        n,
+        save_directory,
+        drop=("intermediate_size",),
+        **save_kwargs,
+    )
 
 
 __all__ = [

@@ -15,11 +15,14 @@ recurrent ``state`` ``(batch, d_inner, n)``; ``A`` ``(d_inner, n)``; ``B``, ``C`
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "apply_mask_to_padding_states",
+    "causal_conv1d_channels_last",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "mamba_selective_state_update",
@@ -58,6 +61,38 @@ def causal_conv1d_fn(
         groups=channels,
     )[:, :, :length]
     return _activate(out, activation).to(hidden_states.dtype)
+
+
+def _cpp_kernels():
+    if os.environ.get("COMPRESSM_CONV_IMPL", "auto").strip().lower() == "torch":
+        return None
+    try:
+        from compressm_hf import kernels
+    except ImportError:  # copied next to a saved model, without compressm_hf installed
+        return None
+    return kernels if kernels.is_available() else None
+
+
+def causal_conv1d_channels_last(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Depthwise causal convolution of a whole sequence in channels-last layout ``(batch, length, channels)``.
+
+    On CPU with the compiled kernels (``compressm_hf.kernels.causal_conv1d_cpu``: fused conv + SiLU, forward
+    and backward, no layout copies) unless ``COMPRESSM_CONV_IMPL=torch``; elsewhere
+    :func:`causal_conv1d_fn` (the reference) on the transposed view. Returns ``(batch, length, channels)``.
+    """
+    kernels = (
+        _cpp_kernels()
+        if hidden_states.device.type == "cpu" and activation in (None, "silu", "swish")
+        else None
+    )
+    if kernels is not None:
+        return kernels.causal_conv1d_cpu(hidden_states, weight, bias, activation)
+    return causal_conv1d_fn(hidden_states.transpose(1, 2), weight, bias, activation).transpose(1, 2)
 
 
 def causal_conv1d_update(
@@ -108,3 +143,16 @@ def mamba_selective_state_update(
     if z is not None:
         out = out * F.silu(z)
     return out.to(hidden_states.dtype)
+
+
+def plain_off_cuda(dispatching, plain):
+    """``dispatching`` (transformers' helper: the CUDA package if installed, else a warning "install
+    causal_conv1d / mamba_ssm ... much slower") for CUDA tensors, ``plain`` (the same result in plain torch)
+    for any other device, where those CUDA-only packages could not run and the warning would be false."""
+    if dispatching is plain:
+        return plain
+
+    def call(first, *args, **kwargs):
+        return (dispatching if first.is_cuda else plain)(first, *args, **kwargs)
+
+    return call

@@ -15,6 +15,10 @@ All three follow mamba_ssm's ``selective_scan_fn`` layout and semantics::
     y_t = C_t . h_t + D * u_t ;  y = y * silu(z)
     returns y (batch, d, L) [, last state h_{L-1} (batch, d, n) if return_last_state]
 
+With ``moments=ScanMoments(weights)``, a scan also collects the sums over tokens that the averaged LTI
+surrogate of a Mamba layer needs (fused into the C++ forward, which computes ``exp(dt*A)`` anyway;
+:func:`surrogate_moments_ref` on every other path).
+
 Choose the implementation with the ``impl`` argument or the environment variable
 ``COMPRESSM_SCAN_IMPL`` in {auto, cpp, chunked, ref, mamba_ssm}; :func:`scan_implementation` says which
 one a call would use.
@@ -29,6 +33,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "SCAN_IMPLS",
+    "ScanMoments",
+    "surrogate_moments_ref",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",
@@ -172,6 +178,65 @@ def selective_scan_chunked(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Surrogate moments (the statistics of a Mamba layer's averaged LTI surrogate)
+# ----------------------------------------------------------------------------------------------------
+_MOMENT_CHUNK_ELEMENTS = 1 << 22  # elements of one (d, n, tokens) decay chunk of the reference
+
+
+class ScanMoments:
+    """Request for, and result of, the surrogate moments collected by one :func:`selective_scan` call.
+
+    Args:
+        weights: optional ``(batch, L)`` token weights (1 = real token, 0 = padding); None = all 1.
+
+    After the scan, ``one_minus_decay`` and ``input_energy`` hold ``(d, n)`` float64 sums over tokens
+    (see :func:`surrogate_moments_ref`) and ``source`` names the path that computed them
+    (``"fused"`` or ``"reference"``).
+    """
+
+    def __init__(self, weights=None):
+        self.weights = weights
+        self.one_minus_decay = None
+        self.input_energy = None
+        self.source = None
+
+
+@torch.no_grad()
+def surrogate_moments_ref(u, delta, A, B, delta_bias=None, delta_softplus=False, weights=None):
+    """Reference (pure torch) surrogate moments, summed over batch and time.
+
+    Args: ``u``, ``delta``: ``(batch, d, L)``; ``A``: ``(d, n)``; ``B``: ``(batch, n, L)``;
+    ``delta_bias``: ``(d,)``; ``weights``: ``(batch, L)`` or None. Computed in float32.
+
+    Returns:
+        ``(one_minus_decay, input_energy)``, both ``(d, n)`` float64:
+        ``Σ_t w_t (1 − exp(dt_t A))`` (as ``-expm1``: accurate for tiny ``dt A``) and
+        ``Σ_t w_t (dt_t u_t)² B_t²``, with ``dt`` discretised as the scan does.
+    """
+    b, d, L = u.shape
+    n = A.shape[-1]
+    delta = _discretize_dt(delta.float(), delta_bias, delta_softplus)
+    drive2 = (delta * u.float()) ** 2  # (b, d, L)
+    w = None if weights is None else weights.to(torch.float32)
+    if w is not None:
+        drive2 = drive2 * w[:, None, :]
+    Bf = B.float()
+    input_energy = torch.einsum("bdl,bnl->dn", drive2, Bf * Bf).double()
+    # tokens laid out (d, n, tokens) so that the reduction runs over the contiguous last dim
+    delta_t = delta.transpose(0, 1).reshape(d, b * L)
+    w_t = None if w is None else w.reshape(b * L)
+    A = A.float()
+    one_minus_decay = torch.zeros(d, n, dtype=torch.float64, device=u.device)
+    chunk = max(1, _MOMENT_CHUNK_ELEMENTS // max(1, d * n))
+    for t0 in range(0, b * L, chunk):
+        m1 = -torch.expm1(delta_t[:, None, t0 : t0 + chunk] * A[:, :, None])  # (d, n, chunk)
+        if w_t is not None:
+            m1 = m1 * w_t[t0 : t0 + chunk]
+        one_minus_decay += m1.sum(dim=-1).double()
+    return one_minus_decay, input_energy
+
+
+# ----------------------------------------------------------------------------------------------------
 # Dispatcher
 # ----------------------------------------------------------------------------------------------------
 _mamba_ssm_fn = None
@@ -249,15 +314,39 @@ def selective_scan(
     delta_softplus=False,
     return_last_state=False,
     impl=None,
+    moments=None,
 ):
     """Selective scan with mamba_ssm's ``selective_scan_fn`` signature; picks the fastest available
-    implementation (see the module docstring). ``impl`` overrides ``COMPRESSM_SCAN_IMPL``."""
+    implementation (see the module docstring). ``impl`` overrides ``COMPRESSM_SCAN_IMPL``.
+    ``moments`` (a :class:`ScanMoments`) is filled with the surrogate moments of this call."""
     name = scan_implementation(u.device, u.dtype, impl)
+    if name == "cpp":
+        if moments is None:
+            return _cpp_kernels().selective_scan_cpu(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+            )
+        *out, moments.one_minus_decay, moments.input_energy = _cpp_kernels().selective_scan_cpu(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            return_last_state,
+            moments=True,
+            moment_weights=moments.weights,
+        )
+        moments.source = "fused"
+        return tuple(out) if return_last_state else out[0]
+    if moments is not None:
+        moments.one_minus_decay, moments.input_energy = surrogate_moments_ref(
+            u, delta, A, B, delta_bias, delta_softplus, moments.weights
+        )
+        moments.source = "reference"
     if name == "mamba_ssm":
         return _mamba_ssm()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "cpp":
-        return _cpp_kernels().selective_scan_cpu(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-        )
     fn = selective_scan_ref if name == "ref" else selective_scan_chunked
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

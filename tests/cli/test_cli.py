@@ -63,7 +63,7 @@ def load_remote(folder: Path):
 def test_train_on_text_file_writes_a_complete_compressed_folder(trained_mamba):
     out, stdout = trained_mamba
     sizes = assert_model_folder(out)
-    assert all(4 <= n < 8 for n in sizes), sizes  # min_state_size default 4
+    assert all(1 <= n < 8 for n in sizes), sizes  # min_state_size default 1 (trainer/defaults.py)
     for name in ("trainer_state.json", "train_log.jsonl", "training_summary.txt", "all_results.json"):
         assert (out / name).is_file(), name
     # the summary table is printed and saved
@@ -213,7 +213,10 @@ def test_compress_trained_mamba(trained_mamba, tiny_text, tmp_path):
     assert all(a <= b for a, b in zip(after, before)) and sum(after) < sum(before)
     model = load_remote(dst)
     assert [m.mixer.state_size for m in model.backbone.layers] == after
-    assert json.loads((dst / "compression_report.json").read_text())["config"]["post_hoc"] is True
+    report_text = (dst / "compression_report.json").read_text()
+    assert json.loads(report_text)["config"]["post_hoc"] is True
+    # the report travels with the folder (Hub push): no machine path in it
+    assert str(tmp_path) not in report_text and str(out.parent) not in report_text
 
 
 def test_analyze_stock_transformers_mamba(stock_mamba, tiny_text, tmp_path):

@@ -45,8 +45,8 @@ def test_round_trip_keeps_state_sizes_and_compression():
         ({"max_phase": 7.0}, r"`max_phase` must be in \(0, 2\*pi\], got 7.0"),
         ({"hidden_dropout": 1.0}, r"`hidden_dropout` must be in \[0, 1\), got 1.0"),
         (
-            {"norm_type": "batchnorm"},
-            r"`norm_type` must be one of \('layernorm', 'rmsnorm'\), got 'batchnorm'",
+            {"norm_type": "groupnorm"},
+            r"`norm_type` must be one of \('layernorm', 'rmsnorm', 'batchnorm'\), got 'groupnorm'",
         ),
         ({"layer_norm_epsilon": 0.0}, r"`layer_norm_epsilon` must be > 0, got 0.0"),
         ({"initializer_range": -1.0}, r"`initializer_range` must be > 0"),

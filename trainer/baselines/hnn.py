@@ -3,7 +3,8 @@
 Forgione, Mejari & Piga (CDC 2024) and CompreSSM's Table 6 "HNN": every training step adds
 ``lambda * sum_layers sum_i sigma_i`` (the Hankel nuclear norm of each SSM layer) to the loss, which pushes the
 Hankel singular values towards a fast-decaying spectrum; after training one balanced truncation per layer at
-the chosen ``tau`` (:func:`balanced_truncate_`, the same ``plan_reduction`` + ``reduce_`` as CompreSSM).
+the chosen ``tau``, or at the shared ``tau`` that meets a total state budget (:func:`balanced_truncate_`, the
+same ``plan_reduction`` + ``reduce_`` as CompreSSM, :func:`compressm_hf.budget.tau_for_budget` for the budget).
 
 The regularizer must be differentiable through the Gramians. ``LRUMixer.lti_system()`` is built under
 ``torch.no_grad`` and detached, so the system is rebuilt here from the LRU parameters themselves
@@ -16,10 +17,14 @@ Only LRU layers are supported (a selective layer has no fixed system to regulari
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import Trainer
 
 from compressm_hf import RankPolicy, hankel_singular_values, plan_reduction
+from compressm_hf.budget import tau_for_budget
+from compressm_hf.planning import rank_scores
 from compressm_hf.protocol import find_reducible_layers
 
 from ._common import differentiable_lru_system, is_lru_mixer, reduce_layers_, sync_state_sizes
@@ -49,6 +54,8 @@ class HNNTrainer(Trainer):
         hnn_lambda: regularization weight (``>= 0``).
         truncate_tau: if given, :func:`balanced_truncate_` the model at this ``tau`` when training ends
             (``train()`` returns after the cut). Else call :func:`balanced_truncate_` yourself.
+        truncate_budget: instead of ``truncate_tau``: cut at the shared ``tau`` whose total state size is
+            the largest one ``<=`` this budget (to compare with other methods at equal total size).
         truncate_gate: gate of that final cut (default 1.0: cut whenever the rank is smaller than ``n``).
 
     ``self.last_hnn`` holds the last regularizer value (float) for logging.
@@ -62,14 +69,20 @@ class HNNTrainer(Trainer):
         hnn_lambda: float = 1e-3,
         truncate_tau: float | None = None,
         truncate_gate: float = 1.0,
+        truncate_budget: int | None = None,
         **kwargs,
     ):
         if not float(hnn_lambda) >= 0:
             raise ValueError(f"hnn_lambda must be >= 0, got {hnn_lambda!r}")
+        if truncate_tau is not None and truncate_budget is not None:
+            raise ValueError(
+                f"give truncate_tau ({truncate_tau!r}) or truncate_budget ({truncate_budget!r}), not both"
+            )
         super().__init__(*args, **kwargs)
         self.hnn_lambda = float(hnn_lambda)
         self.truncate_tau = truncate_tau
         self.truncate_gate = float(truncate_gate)
+        self.truncate_budget = truncate_budget
         self.last_hnn: float | None = None
         self.truncation: dict | None = None
 
@@ -86,30 +99,52 @@ class HNNTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
-        if self.truncate_tau is not None:
-            self.truncation = balanced_truncate_(self.model, self.truncate_tau, gate=self.truncate_gate)
+        if self.truncate_tau is not None or self.truncate_budget is not None:
+            self.truncation = balanced_truncate_(
+                self.model, self.truncate_tau, budget=self.truncate_budget, gate=self.truncate_gate
+            )
         return out
 
 
 @torch.no_grad()
 def balanced_truncate_(
     model: torch.nn.Module,
-    tau: float,
+    tau: float | None = None,
     *,
+    budget: int | None = None,
     gate: float = 1.0,
     min_state_size: int = 1,
     optimizer=None,
 ) -> dict:
-    """One balanced truncation per reducible layer at ``tau`` (``plan_reduction`` + ``reduce_``), e.g. after HNN
-    training. Returns ``{"sizes_before", "sizes_after", "energy_kept"}``; ``config.state_sizes`` is updated."""
-    policy = RankPolicy(tau=float(tau), gate=float(gate), min_rank=int(min_state_size))
+    """One balanced truncation per reducible layer (``plan_reduction`` + ``reduce_``), e.g. after HNN training.
+
+    Give ``tau`` (the per-layer rule) or ``budget``: the total state size across layers; the shared ``tau``
+    comes from :func:`compressm_hf.budget.tau_for_budget` (the largest total ``<= budget``; raises
+    ``UnreachableBudgetError`` below what ``min_state_size`` allows). Returns ``{"sizes_before", "sizes_after",
+    "energy_kept", "tau"}``; ``config.state_sizes`` is updated.
+    """
+    if (tau is None) == (budget is None):
+        raise ValueError(f"give exactly one of tau ({tau!r}) or budget ({budget!r})")
+    policy = RankPolicy(
+        tau=0.0 if tau is None else float(tau), gate=float(gate), min_rank=int(min_state_size)
+    )
     layers = find_reducible_layers(model)
     before = [int(layer.state_size) for layer in layers]
+    systems = [layer.lti_system() for layer in layers]
+    if budget is not None:
+        policy = dataclasses.replace(
+            policy, tau=tau_for_budget([rank_scores(s) for s in systems], budget, policy).tau
+        )
     plans, energy = {}, {}
-    for layer in layers:
-        plan = plan_reduction(layer.lti_system(), policy)
+    for layer, system in zip(layers, systems):
+        plan = plan_reduction(system, policy)
         if plan is not None:
             plans[int(layer.layer_idx)] = plan
             energy[int(layer.layer_idx)] = float(plan.energy_kept)
     reduce_layers_(model, plans, optimizer=optimizer)
-    return {"sizes_before": before, "sizes_after": sync_state_sizes(model), "energy_kept": energy}
+    return {
+        "sizes_before": before,
+        "sizes_after": sync_state_sizes(model),
+        "energy_kept": energy,
+        "tau": policy.tau,
+    }

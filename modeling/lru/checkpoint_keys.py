@@ -1,0 +1,1 @@
+../mamba/checkpoint_keys.py

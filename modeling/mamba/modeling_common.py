@@ -1,0 +1,192 @@
+"""Helpers shared by the CompreSSM Mamba and Mamba-2 modeling files (one source, imported by both).
+
+``modeling/mamba2/modeling_common.py`` is a symbolic link to this file: a modeling file copied next to a
+saved model for ``trust_remote_code`` may only import same-folder modules, so each model folder needs the
+file beside it, and ``save_pretrained`` copies its content. Imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Conv1dAdapterGuard",
+    "MissingStatisticsError",
+    "NonUniformStateSizesError",
+    "ParamSwap",
+    "UnsupportedAdapterError",
+]
+
+
+class ParamSwap(NamedTuple):
+    """One parameter replaced by a mixer's ``reduce_`` (duck-types ``compressm_hf.ParamSwap``)."""
+
+    old: nn.Parameter
+    new: nn.Parameter
+    state_dim: int | None
+    keep: torch.Tensor | None
+
+
+class MissingStatisticsError(ValueError):
+    """``lti_system()`` was called before any statistics were collected."""
+
+
+class UnsupportedAdapterError(ValueError):
+    """An adapter (e.g. LoRA) sits on a module whose weights the mixer reads directly, or on a module
+    a reduction cannot slice."""
+
+
+class NonUniformStateSizesError(ValueError):
+    """A model whose layers have different state sizes cannot be exported to a stock (one-size) checkpoint."""
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    return isinstance(module, cls) and not hasattr(module, "base_layer")
+
+
+def _is_modules_to_save(module: nn.Module) -> bool:
+    """peft's ``ModulesToSaveWrapper`` (duck-typed: peft is optional)."""
+    return hasattr(module, "original_module") and isinstance(
+        getattr(module, "modules_to_save", None), nn.ModuleDict
+    )
+
+
+class Conv1dAdapterGuard:
+    """Mixin for a mixer that passes ``conv1d.weight`` straight to the causal-convolution kernel.
+
+    An adapter wrapping ``conv1d`` (e.g. LoRA ``target_modules=["conv1d"]``) would be silently ignored there,
+    so injecting one raises :class:`UnsupportedAdapterError` (peft injects with ``setattr(parent, name,
+    wrapper)``); forwards call :meth:`_check_conv1d` as a backstop. peft's ``modules_to_save=["conv1d"]`` is
+    allowed: its wrapper forwards ``.weight`` / ``.bias`` to the trainable copy.
+
+    Class attributes: ``supported_adapter_targets`` (named in the error) and ``adapter_targets_note``
+    (appended to that list, e.g. ``" (lm_head is tied to embeddings)"``). Needs ``self.layer_idx``.
+    """
+
+    supported_adapter_targets: tuple[str, ...] = ()
+    adapter_targets_note: str = ""
+
+    def __setattr__(self, name, value):
+        if (
+            name == "conv1d"
+            and isinstance(value, nn.Module)
+            and "conv1d" in self.__dict__.get("_modules", {})
+        ):
+            self._check_conv1d(value)
+        super().__setattr__(name, value)
+
+    def _check_conv1d(self, module: nn.Module) -> None:
+        if _is_modules_to_save(module) and isinstance(module.original_module, nn.Conv1d):
+            return
+        if not _is_plain(module, nn.Conv1d):
+            raise UnsupportedAdapterError(
+                f"Module 'conv1d' of layer {self.layer_idx} cannot be wrapped ({type(module).__module__}."
+                f"{type(module).__name__}): {type(self).__name__} passes conv1d.weight directly to the causal "
+                f"convolution kernel, so an adapter there would be silently ignored. Adapter targets that "
+                f"train: {', '.join(self.supported_adapter_targets)}{self.adapter_targets_note}."
+            )
+
+
+def _one_cache(cache, cache_params):
+    """The cache passed under either name (``cache`` since transformers 5.24, ``cache_params`` before)."""
+    if cache is not None and cache_params is not None and cache is not cache_params:
+        raise ValueError("Pass the recurrent cache once, as `cache` (or the older `cache_params`), not both.")
+    return cache if cache is not None else cache_params
+
+
+def _accept_both_cache_names(parent_forward):
+    """Wrap transformers' ``MambaModel.forward`` / ``MambaForCausalLM.forward`` so that it takes the cache
+    as ``cache`` or as ``cache_params`` whatever the installed transformers calls it (5.24 renamed
+    ``cache_params`` to ``cache``; 5.23 silently ignores an unknown ``cache=``). The wrapper's signature is
+    the parent's plus the other name, so ``generate()``'s keyword validation still sees every argument."""
+    signature = inspect.signature(parent_forward)
+    native = "cache" if "cache" in signature.parameters else "cache_params"
+    other = "cache_params" if native == "cache" else "cache"
+
+    @functools.wraps(parent_forward)
+    def forward(self, *args, **kwargs):
+        if other in kwargs:
+            kwargs[native] = _one_cache(kwargs.pop(native, None), kwargs.pop(other))
+        return parent_forward(self, *args, **kwargs)
+
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter(other, inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    forward.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+    return forward
+
+
+def _make_lti_system(A, B, C, surrogate, diagonal: bool = True, reduction: str = "modal"):
+    """``compressm_hf.LTISystem`` when the package is importable, else a duck-typed stand-in."""
+    try:
+        from compressm_hf.protocol import LTISystem
+    except ImportError:  # trust_remote_code without compressm_hf installed
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            A=A,
+            B=B,
+            C=C,
+            diagonal=diagonal,
+            reduction=reduction,
+            surrogate=surrogate,
+            state_size=int(A.shape[-1]),
+        )
+    return LTISystem(A=A, B=B, C=C, diagonal=diagonal, reduction=reduction, surrogate=surrogate)
+
+
+# keys of a CompreSSM config that a stock transformers config does not have (or must not inherit)
+_COMPRESSM_ONLY_CONFIG_KEYS = (
+    "state_sizes",
+    "compression",
+    "auto_map",
+    "architectures",
+    "model_type",
+    "transformers_version",
+)
+
+
+def _refuse_adapters(model: nn.Module, what: str) -> None:
+    """Raise :class:`UnsupportedAdapterError` if any module of ``model`` is wrapped by an adapter."""
+    wrapped = [name for name, m in model.named_modules() if hasattr(m, "base_layer")]
+    if wrapped:
+        raise UnsupportedAdapterError(
+            f"{what}: modules {wrapped[:4]} carry adapters; merge them first (peft: merge_and_unload())."
+        )
+
+
+@torch.no_grad()
+def _save_as_stock(
+    model,
+    state_dict,
+    stock_model_class,
+    stock_config_class,
+    state_size,
+    save_directory,
+    drop=(),
+    **save_kwargs,
+):
+    """Save ``state_dict`` as a stock transformers checkpoint of ``stock_model_class``.
+
+    The stock config takes every field of ``model.config`` except the CompreSSM-only ones and ``drop``,
+    with ``state_size`` set; the weights are loaded strictly (every key and shape must match the stock
+    model). Returns the stock config written.
+    """
+    skip = _COMPRESSM_ONLY_CONFIG_KEYS + tuple(drop)
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in skip}
+    fields["state_size"] = int(state_size)
+    stock_config = stock_config_class(**fields)
+    stock_config.architectures = [stock_model_class.__name__]
+    with torch.device("meta"):
+        stock = stock_model_class(stock_config)
+    stock.load_state_dict(state_dict, strict=True, assign=True)
+    stock.tie_weights()
+    stock.generation_config = copy.deepcopy(model.generation_config)
+    stock.save_pretrained(save_directory, **save_kwargs)
+    return stock_config

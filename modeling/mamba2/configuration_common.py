@@ -1,0 +1,1 @@
+../mamba/configuration_common.py

@@ -1,0 +1,1 @@
+../mamba/ops_mamba.py
