@@ -49,8 +49,8 @@ def test_import_compressm_hf_is_enough_for_auto_classes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = torch.tensor([list(b"To be")])
     for folder, model in ((tmp_path / "mamba", mamba), (tmp_path / "lru", lru)):
-        with torch.no_grad():
-            torch.testing.assert_close(torch.load(folder / "logits.pt"), model(ids).logits, rtol=0, atol=0)
+        with torch.no_grad():  # same weights, another process (thread count may differ): float32 round-off only
+            torch.testing.assert_close(torch.load(folder / "logits.pt"), model(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_core_imports_without_transformers(tmp_path):
