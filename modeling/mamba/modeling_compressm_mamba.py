@@ -72,7 +72,6 @@ except ImportError:  # moved or renamed in a later transformers: same semantics 
 from . import ops_mamba as _plain_ops
 from .ops_mamba import plain_off_cuda as _plain_off_cuda
 
-
 causal_conv1d_fn = _plain_off_cuda(causal_conv1d_fn, _plain_ops.causal_conv1d_fn)
 causal_conv1d_update = _plain_off_cuda(causal_conv1d_update, _plain_ops.causal_conv1d_update)
 mamba_selective_state_update = _plain_off_cuda(

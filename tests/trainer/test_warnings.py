@@ -101,8 +101,14 @@ def test_mamba_on_cpu_does_not_ask_for_the_cuda_only_causal_conv1d(monkeypatch, 
         from compressm_hf.modeling.mamba2 import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
 
         config = CompreSSMMamba2Config(
-            vocab_size=32, hidden_size=16, num_heads=4, head_dim=8, n_groups=1, num_hidden_layers=1,
-            state_sizes=[4], eos_token_id=None,
+            vocab_size=32,
+            hidden_size=16,
+            num_heads=4,
+            head_dim=8,
+            n_groups=1,
+            num_hidden_layers=1,
+            state_sizes=[4],
+            eos_token_id=None,
         )
         model = CompreSSMMamba2ForCausalLM(config).eval()
     ids = torch.randint(1, 32, (1, 5))  # within both vocabularies
