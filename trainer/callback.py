@@ -387,8 +387,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     """Compress SSM layers while they train (CompreSSM, arXiv 2510.02823).
 
     Args:
-        tau: discarded fraction of the Hankel-singular-value sum per layer, in ``[0, 1)``;
-            required for ``mode="tolerance"``, ignored otherwise.
+        tau: discarded fraction of the Hankel-singular-value sum per layer, in ``[0, 1)``, for
+            ``mode="tolerance"`` (ignored otherwise); default ``defaults.TAU`` (0.1, the largest value of
+            the paper's grid {0.02, ..., 0.10, 0.15} short of the most aggressive one, and what
+            ``compressm-train`` uses). Not with a state budget (``target_total_state`` / ``target_mean_state``).
         mode: ``"tolerance"`` (the paper's main method: smallest rank keeping ``(1 - tau)`` of
             ``sum(sigma)``), ``"fixed"`` (cut ``fixed_fraction`` of the states per attempt) or
             ``"pragmatic"`` (cut ``fixed_fraction`` per attempt; before each cut the model and
@@ -533,11 +535,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
         budget_given = _check_budget_args(tau, mode, target_total_state, target_mean_state, budget_schedule)
         if mode == "tolerance" and not budget_given:
-            if tau is None:
-                raise ValueError(
-                    "mode='tolerance' needs tau, the discarded fraction of sum(HSV), in [0, 1) (or a state "
-                    "budget: target_total_state=... / target_mean_state=...)"
-                )
+            if tau is None:  # CompreSSMCallback(): the one default, shared with compressm-train
+                tau = defaults.TAU
             if not _is_number(tau) or not 0.0 <= float(tau) < 1.0:
                 raise ValueError(
                     f"tau must be a number in [0, 1) (discarded fraction of sum(HSV)), got {tau!r}"

@@ -293,7 +293,6 @@ def test_bind_overrides_stack_lookup(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({}, "needs tau"),
         ({"tau": -0.1}, r"\[0, 1\)"),
         ({"tau": 1.0}, r"\[0, 1\)"),
         ({"tau": float("nan")}, r"\[0, 1\)"),
@@ -398,3 +397,12 @@ def test_pragmatic_pending_cut_survives_a_checkpoint(tmp_path):
     assert model_b.config.state_sizes == model_a.config.state_sizes == [10, 10]
     for k, v in model_a.state_dict().items():
         torch.testing.assert_close(model_b.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_no_arguments_uses_the_one_default_tau():
+    # the user's API: Trainer(callbacks=[CompreSSMCallback()]); the same tau as compressm-train's default
+    from compressm_hf.trainer import defaults
+
+    callback = CompreSSMCallback()
+    assert callback.tau == defaults.TAU == defaults.CLI_TAU
+    assert callback.config_dict() == CompreSSMCallback(tau=defaults.TAU).config_dict()
