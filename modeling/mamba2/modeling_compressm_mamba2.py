@@ -49,7 +49,7 @@ from .modeling_common import (
     _refuse_adapters,
     _save_as_stock,
 )
-from .ssd_mamba2 import discretize_dt, ssd_chunk_scan, ssd_state_update
+from .ssd_mamba2 import discretize_dt, scan_block, ssd_chunk_scan, ssd_state_update
 
 try:  # private helpers of transformers' Mamba-2 (5.2x); they may dispatch to hub kernels
     from transformers.models.mamba2.modeling_mamba2 import (
@@ -199,17 +199,18 @@ class CompreSSMMamba2Mixer(Conv1dAdapterGuard, Mamba2Mixer):
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
 
         # 2. causal depthwise convolution over x | B | C
-        xBC = xBC.transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
-        if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
-            xBC = causal_conv1d_update(xBC, conv_state, weight, self.conv1d.bias, activation=self.activation)
+        if cache is None:  # channels last as in_proj writes it: the fused C++ conv + SiLU on CPU
+            xBC = _plain_ops.causal_conv1d_channels_last(xBC, weight, self.conv1d.bias, activation=self.activation)
         else:
-            if cache is not None:
+            xBC = xBC.transpose(1, 2)
+            if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
+                xBC = causal_conv1d_update(xBC, conv_state, weight, self.conv1d.bias, activation=self.activation)
+            else:
                 xBC = cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-            xBC = causal_conv1d_fn(xBC, weight, self.conv1d.bias, activation=self.activation)
-            if cache is not None:
-                xBC = xBC[:, :, -seq_len:]
-        xBC = apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)
+                xBC = causal_conv1d_fn(xBC, weight, self.conv1d.bias, activation=self.activation)[:, :, -seq_len:]
+            xBC = xBC.transpose(1, 2)
+        xBC = apply_mask_to_padding_states(xBC, attention_mask)
         x, B, C = torch.split(xBC, [self.intermediate_size, G * N, G * N], dim=-1)
 
         # 3. SSD
@@ -241,7 +242,7 @@ class CompreSSMMamba2Mixer(Conv1dAdapterGuard, Mamba2Mixer):
                 A,
                 B.view(batch, seq_len, G, N),
                 C.view(batch, seq_len, G, N),
-                chunk_size=self.chunk_size,
+                chunk_size=scan_block(self.chunk_size),
                 D=self.D,
                 initial_state=recurrent_state,
                 return_final_state=cache is not None,

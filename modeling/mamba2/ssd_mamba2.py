@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["discretize_dt", "ssd_chunk_scan", "ssd_state_update"]
+__all__ = [
+    "SCAN_BLOCK",
+    "discretize_dt",
+    "scan_block",
+    "ssd_chunk_scan",
+    "ssd_chunk_scan_reference",
+    "ssd_state_update",
+]
 
 
 def discretize_dt(
@@ -49,7 +56,7 @@ def _segment_sum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, -torch.inf)
 
 
-def ssd_chunk_scan(
+def ssd_chunk_scan_reference(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -128,6 +135,121 @@ def ssd_chunk_scan(
     y = y + torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, start_states, torch.exp(a_cum))
 
     y = y.reshape(b, nc * T, h, p)[:, :L]
+    if D is not None:
+        y = y + D.float()[:, None] * xf
+    if return_final_state:
+        return y, state.reshape(b, h, p, n)
+    return y
+
+
+# Tokens per block of the fast scan when a model's ``chunk_size`` is larger (see :func:`scan_block`).
+SCAN_BLOCK = 64
+
+
+def scan_block(chunk_size: int) -> int:
+    """Block length that :func:`ssd_chunk_scan` should use for a model whose ``config.chunk_size`` is given.
+
+    The result does not depend on the block length (up to rounding), only the cost does: per token the
+    intra-block work grows with the block (``(C B^T) * decay`` is ``block x block`` per head), the
+    state passing does not. On CPU a block of ``SCAN_BLOCK`` (64) tokens is the fastest at head_dim 64 and
+    d_state 16..128 (``benchmarks/bench_mamba2_step.py``), so larger configured chunks are split.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return min(int(chunk_size), SCAN_BLOCK)
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The SSD scan over a whole sequence, in chunks (float32 inside): fast layout, same results.
+
+    Same arguments, results and gradients as :func:`ssd_chunk_scan_reference` (the tests compare them),
+    computed with every contraction a plain batched matmul over ``(batch, chunk, group)``: the
+    ``(b, c, g, r, l, s)`` decay is built once from a float64 difference of cumulative sums (no masked
+    ``(.., l, s)`` cumsum, whose backward flips and re-sums it), ``C B^T`` once per group, and the chunk
+    states and their read-out contract the heads of a group together (``r * p`` columns) against ``B`` and
+    ``C``. Use :func:`scan_block` to pick ``chunk_size`` from a model's config.
+
+    Args:
+        x: ``(b, L, h, p)`` head inputs.
+        dt: ``(b, L, h)`` discretized time steps (:func:`discretize_dt`).
+        A: ``(h,)`` negative decay rates.
+        B, C: ``(b, L, g, n)``, shared by the ``h // g`` heads of a group.
+        chunk_size: tokens per chunk (``>= 1``).
+        D: ``(h,)`` skip connection, or ``None``.
+        initial_state: ``(b, h, p, n)`` or ``None`` (zeros).
+        return_final_state: also return the ``(b, h, p, n)`` state after the last token.
+
+    Returns:
+        ``y`` ``(b, L, h, p)`` float32 (and the final state).
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    if h % g != 0:
+        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g}).")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    r = h // g
+    T = min(int(chunk_size), L) if L > 0 else 1
+    pad = (-L) % T
+    nc = (L + pad) // T
+
+    xf = x.float()
+    dt = dt.float()
+    xdt = xf * dt[..., None]
+    a = dt * A.float()
+    Bf, Cf = B.float(), C.float()
+    if pad:
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        a = F.pad(a, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+
+    X = xdt.reshape(b, nc, T, g, r * p).transpose(2, 3).contiguous()  # (b, c, g, T, r p)
+    Bg = Bf.reshape(b, nc, T, g, n).transpose(2, 3).contiguous()  # (b, c, g, T, n)
+    Cg = Cf.reshape(b, nc, T, g, n).transpose(2, 3).contiguous()
+    a_cum = torch.cumsum(a.reshape(b, nc, T, g, r).permute(0, 1, 3, 4, 2), dim=-1)  # (b, c, g, r, T)
+    Xh = X.view(b, nc, g, T, r, p).transpose(3, 4)  # (b, c, g, r, T, p) view
+
+    # 1. inside each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_cum_l - a_cum_s) dt_s x_s
+    a64 = a_cum.double()
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    seg = (a64[..., :, None] - a64[..., None, :]).float().masked_fill(~lower, -torch.inf)
+    scores = Cg @ Bg.transpose(-1, -2)  # (b, c, g, l, s), once per group
+    y = (torch.exp(seg) * scores[:, :, :, None]) @ Xh  # (b, c, g, r, T, p)
+
+    # 2. state each chunk adds at its end, all heads of a group in one product: (r p, T) @ (T, n)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).transpose(-1, -2)  # (b, c, g, T, r)
+    Xs = (X.view(b, nc, g, T, r, p) * to_end[..., None]).view(b, nc, g, T, r * p)
+    chunk_states = (Xs.transpose(-1, -2) @ Bg).view(b, nc, g, r, p, n)
+
+    # 3. across chunks: the state at the start of every chunk
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
+    if initial_state is None:
+        state = X.new_zeros(b, g, r, p, n)
+    else:
+        state = initial_state.float().reshape(b, g, r, p, n)
+    starts = []
+    # unbind, not [:, c]: the backward of an index allocates (and zero-fills) the whole tensor every chunk
+    for decay_c, added_c in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
+        starts.append(state)
+        state = decay_c * state + added_c
+    start_states = torch.stack(starts, dim=1).view(b, nc, g, r * p, n)
+
+    # 4. the start state read out inside its chunk: exp(a_cum_l) C_l state_start
+    y_off = (Cg @ start_states.transpose(-1, -2)).view(b, nc, g, T, r, p)
+    y_off = y_off * torch.exp(a_cum).transpose(-1, -2)[..., None]
+    y = y.transpose(3, 4) + y_off  # (b, c, g, T, r, p)
+    y = y.transpose(2, 3).reshape(b, nc * T, h, p)[:, :L]
     if D is not None:
         y = y + D.float()[:, None] * xf
     if return_final_state:
