@@ -5,10 +5,13 @@ Subcommands::
     compressm-analyze spectrum MODEL_DIR [--taus 0.01 0.05 0.1] [--plot spectra.png] [--json spectra.json]
     compressm-analyze compress MODEL_DIR --tau 0.05 --output_dir OUT [--gate 0.95 --min_state_size 1 ...]
 
-``MODEL_DIR`` is any saved model folder: an LRU or CompreSSM Mamba folder (``compressm-train`` output,
-``save_pretrained``), or a stock transformers ``mamba`` checkpoint folder (it loads into
-``CompreSSMMambaForCausalLM`` unchanged). LRU layers are exact LTI systems: their Hankel singular values
-are exact. Mamba layers are selective; their spectrum is that of the averaged LTI surrogate built from
+``MODEL_DIR`` is any saved model folder: an LRU, CompreSSM Mamba or CompreSSM Mamba-2 folder
+(``compressm-train`` output, ``save_pretrained``), or a stock transformers ``mamba`` / ``mamba2`` checkpoint
+folder (it loads into ``CompreSSMMambaForCausalLM`` / ``CompreSSMMamba2ForCausalLM`` unchanged; ``compress``
+saves it as ``compressm_mamba`` / ``compressm_mamba2``). LRU layers are exact LTI systems: their Hankel
+singular values are exact. Mamba and Mamba-2 layers are selective; their spectrum is that of the averaged
+LTI surrogate (Mamba: per-state importance; Mamba-2: per-head Hankel singular values summed over the
+heads, :func:`compressm_hf.grouped.grouped_rank_scores`) built from
 statistics of a few calibration batches of the data the model was trained on: ``--dataset``, or by default
 the training data ``compressm-train`` recorded in the folder (``compressm_train_args.json``); a folder
 without that record (a stock checkpoint, a model trained by your own script) needs ``--dataset``. The text
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 from compressm_hf.cli import (
+    ARCHITECTURE_TABLE,
     calibration_blocks,
     collect_statistics,
     format_table,
@@ -101,7 +105,7 @@ def _fraction(value: str) -> float:
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration data (Mamba statistics, perplexity)")
+    g = p.add_argument_group("calibration data (Mamba / Mamba-2 statistics, perplexity)")
     g.add_argument(
         "--dataset",
         default=None,
@@ -115,7 +119,10 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--block_size", type=_positive_int, default=128, help="tokens per calibration block")
     g.add_argument(
-        "--calibration_batches", type=_positive_int, default=8, help="batches run to collect Mamba statistics"
+        "--calibration_batches",
+        type=_positive_int,
+        default=8,
+        help="batches run to collect Mamba / Mamba-2 statistics",
     )
     g.add_argument("--batch_size", type=_positive_int, default=8, help="blocks per batch")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -128,7 +135,7 @@ SPECTRUM_EXAMPLES = [
     ),
     (
         "compressm-analyze spectrum path/to/stock-mamba --dataset corpus.txt --json spectra.json",
-        "a stock transformers mamba checkpoint: no record in the folder, so --dataset is needed",
+        "a stock transformers mamba (or mamba2) checkpoint: no record in the folder, so --dataset is needed",
     ),
 ]
 COMPRESS_EXAMPLES = [
@@ -136,7 +143,12 @@ COMPRESS_EXAMPLES = [
         "compressm-analyze compress outputs/shakespeare-mamba --tau 0.05 --output_dir outputs/post-hoc",
         "one cut after training (the baseline in-training compression is compared against)",
     ),
+    (
+        "compressm-analyze compress path/to/stock-mamba2 --dataset shakespeare --tau 0.1 --output_dir out",
+        "a stock transformers mamba2 checkpoint, cut and saved as compressm_mamba2",
+    ),
 ]
+MODEL_DIR_HELP = "saved model folder (LRU, CompreSSM Mamba / Mamba-2, or stock transformers mamba / mamba2)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     its own options, the rank policy and the calibration data, then examples; help without reST markup."""
     parser = argparse.ArgumentParser(
         prog="compressm-analyze",
-        description="Hankel spectra of a saved SSM model (LRU, CompreSSM Mamba or a stock transformers mamba\n"
-        "checkpoint), and one post-hoc CompreSSM cut. Run compressm-analyze {spectrum,compress} --help for\n"
+        description="Hankel spectra of a saved SSM model (LRU, CompreSSM Mamba / Mamba-2 or a stock transformers\n"
+        "mamba / mamba2 checkpoint), and one post-hoc CompreSSM cut. Run compressm-analyze {spectrum,compress} --help for\n"
         "the options of each.",
         epilog=examples_epilog([*SPECTRUM_EXAMPLES, *COMPRESS_EXAMPLES]),
         formatter_class=HelpFormatter,
@@ -159,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=examples_epilog(SPECTRUM_EXAMPLES),
         formatter_class=HelpFormatter,
     )
-    sp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
+    sp.add_argument("model_dir", help=MODEL_DIR_HELP)
     sp.add_argument("--taus", type=_tau, nargs="+", default=list(DEFAULT_TAUS), help="tolerances to tabulate")
     sp.add_argument("--plot", default=None, help="write the spectra to this PNG")
     sp.add_argument("--json", default=None, help="write the spectra and ranks to this JSON file")
@@ -173,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=examples_epilog(COMPRESS_EXAMPLES),
         formatter_class=HelpFormatter,
     )
-    cp.add_argument("model_dir", help="saved model folder (LRU, CompreSSM Mamba or stock transformers mamba)")
+    cp.add_argument("model_dir", help=MODEL_DIR_HELP)
     cp.add_argument("--output_dir", required=True, help="where to save the compressed model")
     _add_policy(cp, with_tau=True)
     cp.add_argument(
@@ -226,25 +238,35 @@ def _add_policy(p: argparse.ArgumentParser, *, with_tau: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- spectra
 
+# reduction rule -> (y-axis label of a panel, what the plot title calls the scores)
+SCORE_NAMES = {
+    "balanced": ("Hankel singular value", "Hankel singular values"),
+    "modal": ("state importance (surrogate)", "state importance (averaged LTI surrogate)"),
+    "grouped": (
+        "HSV (surrogate, sum over heads)",
+        "Hankel singular values of the averaged LTI surrogate, summed over heads",
+    ),
+}
+
 
 def layer_spectra(model) -> list[dict]:
     """Per reducible layer: ``{"layer", "n", "rule", "scores" (sorted desc, float64), "surrogate"}``.
 
-    ``"balanced"`` layers (LRU): Hankel singular values of the exact LTI system. ``"modal"`` layers
-    (Mamba): per-state importance ``sqrt(P_ii Q_ii)`` of the surrogate, summed over channels (the scores
-    the planner ranks states by). Statistics must have been collected for Mamba layers.
+    The scores are those the planner applies the rank rule to (:func:`compressm_hf.planning.rank_scores`), so
+    the ranks shown are the ranks ``compress`` cuts to. ``"balanced"`` layers (LRU): Hankel singular values of
+    the exact LTI system. ``"modal"`` layers (Mamba): per-state importance ``sqrt(P_ii Q_ii)`` of the
+    surrogate, summed over channels. ``"grouped"`` layers (Mamba-2): every head's sorted Hankel singular
+    values of its dense surrogate, summed over the heads. Statistics must have been collected for Mamba and
+    Mamba-2 layers.
     """
-    from compressm_hf import find_reducible_layers, hankel_singular_values, modal_importance
+    from compressm_hf import find_reducible_layers
+    from compressm_hf.planning import rank_scores
 
     out = []
     for layer in find_reducible_layers(model):
         system = layer.lti_system()
         n = int(layer.state_size)
-        if system.reduction == "modal":
-            scores = modal_importance(system.A, system.B, system.C).reshape(-1, n).sum(0)
-            scores = torch.sort(scores, descending=True).values
-        else:
-            scores = hankel_singular_values(system.A, system.B, system.C, diagonal=bool(system.diagonal))
+        scores = rank_scores(system)
         out.append(
             {
                 "layer": int(layer.layer_idx),
@@ -308,7 +330,7 @@ def plot_spectra(spectra: list[dict], taus: list[float], path: str | Path, title
             ax.axvline(entry["rank"] + 0.5, color=color, linestyle="--", linewidth=1.1, label=label)
         ax.set_xlim(0.5, len(values) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        what = "Hankel singular value" if spec["rule"] == "balanced" else "state importance (surrogate)"
+        what = SCORE_NAMES.get(spec["rule"], ("score", "scores"))[0]
         ax.set_title(f"layer {spec['layer']} (n = {spec['n']})", fontsize=10)
         ax.set_xlabel("state (sorted)", fontsize=9)
         ax.set_ylabel(what, fontsize=9)
@@ -375,6 +397,8 @@ def cmd_spectrum(args) -> int:
             for tau in args.taus
         ]
     sizes = [s["n"] for s in spectra]
+    arch = ARCHITECTURE_TABLE[kind]
+    rules = {s["rule"] for s in spectra}
     print(f"{args.model_dir}: {kind}, {len(spectra)} layers, state sizes {sizes}")
     print(f"spectra: {source}")
     rows = []
@@ -408,14 +432,15 @@ def cmd_spectrum(args) -> int:
         "error bound = 2 * sum of the discarded values"
         + (
             " (rigorous H-inf bound for the exact LTI layers)"
-            if kind == "lru"
-            else " (heuristic for the surrogate)"
+            if arch.exact
+            else " (heuristic for the surrogate"
+            + ("; not a bound for the kept subset of states)" if "grouped" in rules else ")")
         )
         + f"; gate {args.gate}, min_state_size {args.min_state_size}, round_to {args.round_to}"
     )
     if args.plot:
-        title = f"{Path(args.model_dir).name}: " + (
-            "Hankel singular values" if kind == "lru" else "Mamba state importance (averaged LTI surrogate)"
+        title = f"{Path(args.model_dir).name}: {arch.label} " + " / ".join(
+            SCORE_NAMES.get(rule, ("score", "scores"))[1] for rule in sorted(rules)
         )
         print(f"plot: {plot_spectra(spectra, args.taus, args.plot, title)}")
     if args.json:
@@ -447,6 +472,7 @@ def cmd_compress(args) -> int:
             f"compressm-analyze compress: {str(out)!r} is not empty; pass --overwrite to write into it"
         )
     model, kind = _load(args.model_dir, args.device)
+    arch = ARCHITECTURE_TABLE[kind]
     source, evals = _prepare(args, model, args.model_dir, eval_blocks=args.eval_blocks)
     ppl_before = perplexity(model, evals, args.batch_size) if evals is not None else None
 
@@ -535,7 +561,7 @@ def cmd_compress(args) -> int:
         metrics=metrics or None,
         model_name=out.name,
         model_summary=(
-            f"A {'Mamba' if kind == 'mamba' else 'LRU'} model compressed after training with CompreSSM "
+            f"{arch.article.capitalize()} {arch.label} model compressed after training with CompreSSM "
             f"(`compressm-analyze compress`, one cut): total state size {total_b} -> {total_a}."
         ),
         training_summary=f"Compressed post hoc from `{args.model_dir}`; statistics: {source}.",
@@ -550,7 +576,7 @@ def cmd_compress(args) -> int:
                 str(r["n_after"]),
                 f"{r['energy_kept']:.2%}" if r["reduced"] else "-",
                 f"{r['error_bound']:.3g}" if r["reduced"] else "-",
-                "" if r["reduced"] else r.get("reason", ""),
+                _note(r),
             ]
         )
     rows.append(["total", str(total_b), str(total_a), "", "", ""])
@@ -563,6 +589,15 @@ def cmd_compress(args) -> int:
         )
     print(f"saved to {out}/ (config.json, model.safetensors, compression_report.json, plots, README.md)")
     return 0
+
+
+def _note(record: dict) -> str:
+    """The note column of one layer's row: why it was not cut, or (a kept subset of states, Mamba-2) the
+    energy the HSV rule promised next to the energy the subset holds."""
+    if not record["reduced"]:
+        return record.get("reason", "")
+    promised = (record.get("extra") or {}).get("energy_promised")
+    return "" if promised is None else f"subset; HSV rule promised {promised:.2%}"
 
 
 def main(argv: list[str] | None = None) -> int:

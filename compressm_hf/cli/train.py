@@ -1,7 +1,9 @@
 """``compressm-train``: train a byte-level SSM language model and compress it while it trains.
 
 ``compressm-train --output_dir outputs/shakespeare-mamba`` (``make train``) trains a small Mamba on
-Shakespeare's works on the CPU in a few minutes. A :class:`~compressm_hf.CompreSSMCallback` shrinks every
+Shakespeare's works on the CPU in a few minutes (``--architecture mamba2`` or ``lru`` for the others; every
+architecture is a row of :data:`compressm_hf.cli.ARCHITECTURE_TABLE` and its config fields come from
+:data:`_CONFIG_KWARGS`). A :class:`~compressm_hf.CompreSSMCallback` shrinks every
 layer's state early in training; at the end the script prints a summary (state sizes before -> after,
 validation perplexity, training tokens/s before and after compression, wall time) and leaves a loadable
 model folder with its compression report, plots and model card.
@@ -56,7 +58,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from compressm_hf.cli import ARCHITECTURES, format_table, load_causal_lm
+from compressm_hf.cli import ARCHITECTURE_TABLE, ARCHITECTURES, format_table, load_causal_lm
 from compressm_hf.cli.clock import WallClock
 from compressm_hf.cli.helptext import HelpFormatter, examples_epilog, plain_help
 from compressm_hf.cli.train_record import RECORD_NAME, data_source_kind
@@ -94,8 +96,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Continue training a saved model folder (ours, LRU or Mamba, or a stock transformers "
-            "'mamba' checkpoint) instead of building a new one; the size arguments are then ignored."
+            "help": "Continue training a saved model folder (ours: LRU, Mamba or Mamba-2, or a stock transformers "
+            "'mamba' or 'mamba2' checkpoint) instead of building a new one; the size arguments are then ignored."
         },
     )
     hidden_size: int = field(default=128, metadata={"help": "Width of the residual stream."})
@@ -106,10 +108,28 @@ class ModelArguments:
     expand: int | None = field(
         default=None,
         metadata={
-            "help": "Inner width factor (Mamba: d_inner = expand * hidden, default 2; LRU: GLU, default 1)."
+            "help": "Inner width factor (Mamba, Mamba-2: d_inner = expand * hidden, default 2; LRU: GLU, "
+            "default 1)."
         },
     )
-    conv_kernel: int = field(default=4, metadata={"help": "Mamba: causal convolution width."})
+    conv_kernel: int = field(default=4, metadata={"help": "Mamba, Mamba-2: causal convolution width."})
+    head_dim: int = field(
+        default=32, metadata={"help": "Mamba-2: channels per head (d_inner must be a multiple of it)."}
+    )
+    num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Mamba-2: number of heads; default d_inner / head_dim (given: must equal it)."},
+    )
+    n_groups: int = field(
+        default=1,
+        metadata={
+            "help": "Mamba-2: groups of heads sharing B and C (each with state_size states); divides num_heads."
+        },
+    )
+    chunk_size: int = field(
+        default=64,
+        metadata={"help": "Mamba-2: tokens per chunk of the SSD scan (only the speed depends on it)."},
+    )
     r_min: float | None = field(default=None, metadata={"help": "LRU: smallest initial eigenvalue modulus."})
     r_max: float | None = field(default=None, metadata={"help": "LRU: largest initial eigenvalue modulus."})
 
@@ -179,7 +199,7 @@ class CompressionArguments:
     )
     statistics_steps: int = field(
         default=defaults.STATISTICS_STEPS,
-        metadata={"help": "Mamba: steps of surrogate statistics collected before each attempt."},
+        metadata={"help": "Mamba, Mamba-2: steps of surrogate statistics collected before each attempt."},
     )
 
 
@@ -233,7 +253,7 @@ _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0", ""}
 
 
 DESCRIPTION = (
-    "Train a byte-level SSM language model (Mamba or LRU) and compress it while it trains with CompreSSM.\n"
+    "Train a byte-level SSM language model (Mamba, Mamba-2 or LRU) and compress it while it trains with CompreSSM.\n"
     "Early in training every layer's state is cut to the states that hold 1 - tau of its Hankel singular\n"
     "value sum. The output folder is an ordinary transformers model folder with the compression report,\n"
     "plots, a model card and a summary. Every transformers TrainingArguments flag works too (listed last)."
@@ -242,6 +262,10 @@ EXAMPLES = [
     (
         "compressm-train --output_dir outputs/shakespeare-mamba",
         "the defaults: a 4-layer Mamba on Shakespeare's works (offline), 1000 steps, tau 0.1",
+    ),
+    (
+        "compressm-train --architecture mamba2 --state_size 128 --output_dir outputs/shakespeare-mamba2",
+        "a Mamba-2 (hidden 128, 4 layers, head_dim 32, 8 heads, 1 group) starting at d_state 128",
     ),
     (
         "compressm-train --architecture lru --dataset corpus.txt --state_size 128 --tau 0.05 --max_steps 5000",
@@ -254,7 +278,7 @@ EXAMPLES = [
     ("compressm-train run.yaml", "every argument from a JSON/YAML file (the same names, without --)"),
 ]
 USAGE = (
-    "compressm-train [--output_dir DIR] [--architecture {mamba,lru}] [--dataset DATA] [--tau TAU] [OPTION ...]\n"
+    f"compressm-train [--output_dir DIR] [--architecture {{{','.join(ARCHITECTURES)}}}] [--dataset DATA] [--tau TAU] [OPTION ...]\n"
     "       compressm-train CONFIG.json|CONFIG.yaml"
 )
 TRAINER_HEADING = (
@@ -385,7 +409,8 @@ def _validate(parser, model_args, comp_args, data_args, training_args) -> None:
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
 
-    for name in ("hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel"):
+    model_sizes = ("hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel")
+    for name in (*model_sizes, "head_dim", "num_heads", "n_groups", "chunk_size"):
         positive(name, getattr(model_args, name))
     for name in ("block_size", "max_train_blocks", "max_eval_blocks"):
         positive(name, getattr(data_args, name))
@@ -403,6 +428,11 @@ def _validate(parser, model_args, comp_args, data_args, training_args) -> None:
             f"--model_name_or_path {model_args.model_name_or_path!r} is not a local folder (this tool never "
             "downloads; save the model locally first)"
         )
+    if model_args.model_name_or_path is None:
+        try:
+            new_model_config(model_args)  # the architecture's own checks, before any data is read
+        except ValueError as err:
+            parser.error(f"invalid --architecture {model_args.architecture} sizes: {err}")
     if not comp_args.no_compression:
         try:
             make_callback(comp_args, seed=training_args.seed)
@@ -440,40 +470,84 @@ def make_callback(comp_args: CompressionArguments, seed: int = 0):
     )
 
 
+def _mamba_config_kwargs(model_args: ModelArguments) -> dict:
+    # byte 0 is pad, bos and eos of the byte-level Mamba LMs (the tokenizer saved beside them says so)
+    return {
+        "expand": model_args.expand or 2,
+        "conv_kernel": model_args.conv_kernel,
+        "pad_token_id": 0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+
+
+def _mamba2_config_kwargs(model_args: ModelArguments) -> dict:
+    """Mamba-2: the Mamba kwargs plus the head layout; ``num_heads`` defaults to ``d_inner / head_dim``."""
+    kwargs = _mamba_config_kwargs(model_args)
+    d_inner = kwargs["expand"] * model_args.hidden_size
+    if model_args.num_heads is None and d_inner % model_args.head_dim != 0:
+        raise ValueError(
+            f"--head_dim {model_args.head_dim} does not divide d_inner = expand * hidden_size = "
+            f"{kwargs['expand']} * {model_args.hidden_size} = {d_inner}; pick a divisor of {d_inner} (e.g. 32)"
+        )
+    num_heads = model_args.num_heads or d_inner // model_args.head_dim
+    if num_heads * model_args.head_dim != d_inner:
+        raise ValueError(
+            f"--num_heads {num_heads} * --head_dim {model_args.head_dim} = {num_heads * model_args.head_dim} must "
+            f"equal d_inner = expand * hidden_size = {d_inner} (leave --num_heads out to derive it)"
+        )
+    if num_heads % model_args.n_groups != 0:
+        raise ValueError(
+            f"--n_groups {model_args.n_groups} must divide the number of heads ({num_heads} = d_inner {d_inner} "
+            f"/ head_dim {model_args.head_dim}): each group's B and C are shared by num_heads / n_groups heads"
+        )
+    return {
+        **kwargs,
+        "head_dim": model_args.head_dim,
+        "num_heads": num_heads,
+        "n_groups": model_args.n_groups,
+        "chunk_size": model_args.chunk_size,
+    }
+
+
+def _lru_config_kwargs(model_args: ModelArguments) -> dict:
+    return {
+        k: getattr(model_args, k) for k in ("expand", "r_min", "r_max") if getattr(model_args, k) is not None
+    }
+
+
+# --architecture -> the config fields of that architecture (the shared ones are set by new_model_config)
+_CONFIG_KWARGS = {
+    "mamba": _mamba_config_kwargs,
+    "mamba2": _mamba2_config_kwargs,
+    "lru": _lru_config_kwargs,
+}
+
+
+def new_model_config(model_args: ModelArguments):
+    """The config of a new byte-level model (vocabulary 256) of ``--architecture`` from the size arguments.
+
+    Raises:
+        ValueError: sizes the architecture does not accept (the message names the flag and what is allowed).
+    """
+    config_class, _ = ARCHITECTURE_TABLE[model_args.architecture].classes()
+    return config_class(
+        vocab_size=256,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        state_size=model_args.state_size,
+        **_CONFIG_KWARGS[model_args.architecture](model_args),
+    )
+
+
 def build_model(model_args: ModelArguments):
     """A new byte-level model from the size arguments, or the folder of ``--model_name_or_path``."""
     if model_args.model_name_or_path is not None:
         model, kind = load_causal_lm(model_args.model_name_or_path)
         model_args.architecture = kind
         return model
-    if model_args.architecture == "mamba":
-        from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
-
-        config = CompreSSMMambaConfig(
-            vocab_size=256,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            state_size=model_args.state_size,
-            expand=model_args.expand or 2,
-            conv_kernel=model_args.conv_kernel,
-            pad_token_id=0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return CompreSSMMambaForCausalLM(config)
-    from compressm_hf.modeling.lru import LRUConfig, LRUForCausalLM
-
-    extra = {
-        k: getattr(model_args, k) for k in ("expand", "r_min", "r_max") if getattr(model_args, k) is not None
-    }
-    config = LRUConfig(
-        vocab_size=256,
-        hidden_size=model_args.hidden_size,
-        num_hidden_layers=model_args.num_hidden_layers,
-        state_size=model_args.state_size,
-        **extra,
-    )
-    return LRUForCausalLM(config)
+    _, model_class = ARCHITECTURE_TABLE[model_args.architecture].classes()
+    return model_class(new_model_config(model_args))
 
 
 def _state_sizes(model) -> list[int]:
@@ -749,7 +823,7 @@ def _train(
     n_params = sum(p.numel() for p in model.parameters())
     if training_args.process_index == 0:
         print(
-            f"compressm-train: {model_args.architecture} ({model_args.num_hidden_layers} layers, hidden "
+            f"compressm-train: {model_args.architecture} ({model.config.num_hidden_layers} layers, hidden "
             f"{model.config.hidden_size}, state sizes {sizes_before}, {n_params:,} parameters) on "
             f"{data_args.dataset} ({len(splits['train']):,} train / {len(splits['validation']):,} validation "
             f"blocks of {data_args.block_size} bytes), {training_args.max_steps} steps -> {training_args.output_dir}",
