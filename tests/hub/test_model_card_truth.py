@@ -106,6 +106,22 @@ def test_mamba_card_calls_its_number_a_heuristic_estimate(tmp_path, source):
     assert card.text == text
 
 
+def test_mamba2_card_names_the_architecture_and_says_its_number_is_not_a_subset_bound(tmp_path):
+    # Mamba-2 plans record rule "modal" (original channels are kept); the card must not give it Mamba-1's
+    # per-channel wording, nor call its number a bound for the kept subset
+    config = {
+        "model_type": "compressm_mamba2",
+        "architectures": ["CompreSSMMamba2ForCausalLM"],
+        "vocab_size": 256,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    text = write_model_card(tmp_path, report=_with_rule(make_report(), "modal"), make_plots=False).text
+    assert "A Mamba-2 model" in text and "Mamba-2 layer is reduced early in training" in text
+    assert "not a bound for the kept subset of state channels" in text and "energy promised" in text
+    assert "summed over channels" not in text and "bound on the H∞ norm" not in text
+    assert "from compressm_hf import CompreSSMMamba2ForCausalLM" in text or "trust_remote_code" in text
+
+
 def test_lru_card_states_the_exact_bound(tmp_path):
     card = write_model_card(
         tmp_path, report=_with_rule(make_report(), "balanced"), model_type_tag="lru", make_plots=False
