@@ -46,6 +46,20 @@ class NonUniformStateSizesError(ValueError):
     """A model whose layers have different state sizes cannot be exported to a stock (one-size) checkpoint."""
 
 
+class ReducibleMixersMixin:
+    """``mixers()`` and ``set_collect_statistics()`` of a causal LM whose layers are ``self.backbone.layers``
+    with a ``.mixer`` each (Mamba and Mamba-2)."""
+
+    def mixers(self) -> list[nn.Module]:
+        """The reducible mixers, in layer order."""
+        return [layer.mixer for layer in self.backbone.layers]
+
+    def set_collect_statistics(self, enabled: bool = True) -> None:
+        """Switch statistics collection on or off in every layer."""
+        for m in self.mixers():
+            m.collect_statistics = bool(enabled)
+
+
 def _is_plain(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and not hasattr(module, "base_layer")
 

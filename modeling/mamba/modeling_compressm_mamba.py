@@ -45,6 +45,7 @@ from .modeling_common import (
     MissingStatisticsError,
     NonUniformStateSizesError,
     ParamSwap,
+    ReducibleMixersMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
     _is_plain,
@@ -617,7 +618,7 @@ class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):
     forward = _accept_both_cache_names(MambaModel.forward)
 
 
-class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM):
+class CompreSSMMambaForCausalLM(ReducibleMixersMixin, CompreSSMMambaPreTrainedModel, MambaForCausalLM):
     """Mamba language model (tied `lm_head`) with per-layer state sizes; loads stock `mamba` checkpoints."""
 
     def __init__(self, config: CompreSSMMambaConfig):
@@ -627,15 +628,6 @@ class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM)
         self.post_init()
 
     forward = _accept_both_cache_names(MambaForCausalLM.forward)
-
-    def mixers(self) -> list[CompreSSMMambaMixer]:
-        """The reducible mixers, in layer order."""
-        return [layer.mixer for layer in self.backbone.layers]
-
-    def set_collect_statistics(self, enabled: bool = True) -> None:
-        """Switch statistics collection on or off in every layer."""
-        for m in self.mixers():
-            m.collect_statistics = bool(enabled)
 
 
 # ---------------------------------------------------------------------- export

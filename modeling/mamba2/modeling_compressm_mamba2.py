@@ -41,6 +41,7 @@ from .modeling_common import (
     MissingStatisticsError,
     NonUniformStateSizesError,
     ParamSwap,
+    ReducibleMixersMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
     _is_plain,
@@ -201,14 +202,20 @@ class CompreSSMMamba2Mixer(Conv1dAdapterGuard, Mamba2Mixer):
         # 2. causal depthwise convolution over x | B | C
         weight = self.conv1d.weight.squeeze(1)
         if cache is None:  # channels last as in_proj writes it: the fused C++ conv + SiLU on CPU
-            xBC = _plain_ops.causal_conv1d_channels_last(xBC, weight, self.conv1d.bias, activation=self.activation)
+            xBC = _plain_ops.causal_conv1d_channels_last(
+                xBC, weight, self.conv1d.bias, activation=self.activation
+            )
         else:
             xBC = xBC.transpose(1, 2)
             if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
-                xBC = causal_conv1d_update(xBC, conv_state, weight, self.conv1d.bias, activation=self.activation)
+                xBC = causal_conv1d_update(
+                    xBC, conv_state, weight, self.conv1d.bias, activation=self.activation
+                )
             else:
                 xBC = cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-                xBC = causal_conv1d_fn(xBC, weight, self.conv1d.bias, activation=self.activation)[:, :, -seq_len:]
+                xBC = causal_conv1d_fn(xBC, weight, self.conv1d.bias, activation=self.activation)[
+                    :, :, -seq_len:
+                ]
             xBC = xBC.transpose(1, 2)
         xBC = apply_mask_to_padding_states(xBC, attention_mask)
         x, B, C = torch.split(xBC, [self.intermediate_size, G * N, G * N], dim=-1)
@@ -542,7 +549,7 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
     forward = _accept_both_cache_names(Mamba2Model.forward)
 
 
-class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
+class CompreSSMMamba2ForCausalLM(ReducibleMixersMixin, CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
     """Mamba-2 language model with per-layer state sizes; loads stock `mamba2` checkpoints."""
 
     def __init__(self, config: CompreSSMMamba2Config):
@@ -552,15 +559,6 @@ class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausal
         self.post_init()
 
     forward = _accept_both_cache_names(Mamba2ForCausalLM.forward)
-
-    def mixers(self) -> list[CompreSSMMamba2Mixer]:
-        """The reducible mixers, in layer order."""
-        return [layer.mixer for layer in self.backbone.layers]
-
-    def set_collect_statistics(self, enabled: bool = True) -> None:
-        """Switch statistics collection on or off in every layer."""
-        for m in self.mixers():
-            m.collect_statistics = bool(enabled)
 
 
 # ---------------------------------------------------------------------- export

@@ -56,6 +56,19 @@ def _segment_sum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, -torch.inf)
 
 
+def _chunk_layout(x: torch.Tensor, B: torch.Tensor, chunk_size: int):
+    """Shapes of a scan and its chunking: ``(b, L, h, p, g, n, heads per group, chunk T, padding, chunks)``."""
+    b, L, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    if h % g != 0:
+        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g}).")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    T = min(int(chunk_size), L) if L > 0 else 1
+    pad = (-L) % T
+    return b, L, h, p, g, n, h // g, T, pad, (L + pad) // T
+
+
 def ssd_chunk_scan_reference(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -82,16 +95,7 @@ def ssd_chunk_scan_reference(
     Returns:
         ``y`` ``(b, L, h, p)`` float32, and with ``return_final_state`` the ``(b, h, p, n)`` final state.
     """
-    b, L, h, p = x.shape
-    g, n = B.shape[-2], B.shape[-1]
-    if h % g != 0:
-        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g}).")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    r = h // g
-    T = min(int(chunk_size), L) if L > 0 else 1
-    pad = (-L) % T
-    nc = (L + pad) // T
+    b, L, h, p, g, n, r, T, pad, nc = _chunk_layout(x, B, chunk_size)
 
     xf = x.float()
     dt = dt.float()
@@ -192,16 +196,7 @@ def ssd_chunk_scan(
     Returns:
         ``y`` ``(b, L, h, p)`` float32 (and the final state).
     """
-    b, L, h, p = x.shape
-    g, n = B.shape[-2], B.shape[-1]
-    if h % g != 0:
-        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g}).")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    r = h // g
-    T = min(int(chunk_size), L) if L > 0 else 1
-    pad = (-L) % T
-    nc = (L + pad) // T
+    b, L, h, p, g, n, r, T, pad, nc = _chunk_layout(x, B, chunk_size)
 
     xf = x.float()
     dt = dt.float()
