@@ -49,8 +49,9 @@ from compressm_hf.trainer.surgery import base_optimizer  # noqa: E402
 from tests.trainer.toy_ssm import CountingDataset, ToySSMConfig, ToySSMForCausalLM  # noqa: E402
 
 DEFAULTS = {
-    "model": "toy",  # toy | lru | mamba
+    "model": "toy",  # toy | lru | mamba | mamba2
     "state_size": 12,
+    "n_groups": 1,  # mamba2 only
     "max_steps": 12,
     "batch": 4,
     "ga": 1,
@@ -94,6 +95,21 @@ def build_model(cfg):
             vocab_size=12, hidden_size=16, num_hidden_layers=2, state_size=n, expand=2, conv_kernel=2
         )
         return CompreSSMMambaForCausalLM(config)
+    if cfg["model"] == "mamba2":
+        from compressm_hf.modeling.mamba2 import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
+
+        config = CompreSSMMamba2Config(  # hidden 32, expand 2 -> 8 heads of 8; chunk 4: 2 chunks per sequence
+            vocab_size=12,
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=n,
+            head_dim=8,
+            num_heads=8,
+            n_groups=cfg["n_groups"],
+            chunk_size=4,
+            eos_token_id=None,
+        )
+        return CompreSSMMamba2ForCausalLM(config)
     raise ValueError(cfg["model"])
 
 
