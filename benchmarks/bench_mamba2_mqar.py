@@ -1,5 +1,8 @@
 """CompreSSM on Mamba-2 where the state is the capacity: multi-query associative recall (MQAR).
 
+``--architecture mamba`` runs the same phases on Mamba-1 (``CompreSSMMambaForCausalLM``, same hidden size, layers
+and d_state), for the comparison of the two architectures on one task.
+
 MQAR (Zoology, arXiv 2312.04927; ``compressm_hf.data_mqar``, generated offline from a seed): a context of
 key-value pairs, then queries of its keys; a model must recall the value bound to each queried key, and a
 recurrent model's recall accuracy grows with its state size. The metric is recall accuracy on held-out
@@ -55,7 +58,30 @@ def mqar_kwargs(args) -> dict:
     )
 
 
+def build_model(args, state_sizes: list[int]):
+    """A fresh LM of ``args.architecture`` (``mamba2`` or ``mamba``: Mamba-1, same hidden size and layers)."""
+    if args.architecture == "mamba":
+        from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+
+        return CompreSSMMambaForCausalLM(
+            CompreSSMMambaConfig(
+                vocab_size=args.vocab_size,
+                hidden_size=args.hidden_size,
+                num_hidden_layers=args.layers,
+                state_sizes=list(state_sizes),
+                expand=2,
+                pad_token_id=0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
+    from compressm_hf.modeling.mamba2 import CompreSSMMamba2ForCausalLM
+
+    return CompreSSMMamba2ForCausalLM(model_config(args, state_sizes))
+
+
 def model_config(args, state_sizes: list[int]):
+    """The Mamba-2 config: ``args.heads`` heads of ``2 * hidden / heads`` (expand 2), one chunk per sequence."""
     from compressm_hf.modeling.mamba2 import CompreSSMMamba2Config
 
     return CompreSSMMamba2Config(
@@ -96,12 +122,11 @@ def train_run(
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from compressm_hf.data_mqar import mqar_arrays, mqar_dataset
-    from compressm_hf.modeling.mamba2 import CompreSSMMamba2ForCausalLM
 
     train = mqar_dataset(args.num_train, seed=1000 + seed, **mqar_kwargs(args)).with_format("torch")
     test = mqar_arrays(args.num_test, seed=1, **mqar_kwargs(args))  # one test set for every run
     set_seed(seed)
-    model = CompreSSMMamba2ForCausalLM(model_config(args, state_sizes))
+    model = build_model(args, state_sizes)
     callbacks = []
     if callback_kwargs is not None:
         from compressm_hf.trainer.callback import CompreSSMCallback
@@ -143,6 +168,7 @@ def train_run(
     ]
     result = {
         "label": label,
+        "architecture": args.architecture,
         "seed": seed,
         "max_steps": args.max_steps,
         "accuracy": accuracy,
@@ -199,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", choices=["scout", "claim"], default="claim")
     p.add_argument(
+        "--architecture",
+        choices=["mamba2", "mamba"],
+        default="mamba2",
+        help="mamba2 (default) or mamba (Mamba-1: same hidden size, layers and d_state; --heads/--n-groups unused)",
+    )
+    p.add_argument(
         "--summarize", nargs="+", metavar="JSONL", help="no training: print the table of these files"
     )
     p.add_argument("--summary-json", metavar="JSON", help="with --summarize: also write the summary here")
@@ -217,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=40_000)
     p.add_argument("--num-test", type=int, default=1_000)
     p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--heads", type=int, default=8, help="head_dim = 2 * hidden / heads (expand 2)")
-    p.add_argument("--n-groups", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8, help="mamba2: head_dim = 2 * hidden / heads (expand 2)")
+    p.add_argument("--n-groups", type=int, default=1, help="mamba2: groups sharing B and C")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
@@ -243,9 +275,13 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     command = "python benchmarks/bench_mamba2_mqar.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    shape = (
+        f"Mamba-2 hidden {args.hidden_size} x{args.layers}, {args.heads} heads, {args.n_groups} group(s)"
+        if args.architecture == "mamba2"
+        else f"Mamba-1 hidden {args.hidden_size} x{args.layers}, expand 2"
+    )
     print(
-        f"MQAR {mqar_kwargs(args)}; Mamba-2 hidden {args.hidden_size} x{args.layers}, {args.heads} heads, "
-        f"{args.n_groups} group(s); {args.max_steps} steps of {args.batch_size}, lr {args.lr}; "
+        f"MQAR {mqar_kwargs(args)}; {shape}; {args.max_steps} steps of {args.batch_size}, lr {args.lr}; "
         f"torch {torch.__version__}, {args.threads} thread(s)",
         flush=True,
     )

@@ -23,6 +23,18 @@ busy machine compare CPU seconds, wall seconds mostly measure the other jobs).
     python benchmarks/bench_mamba_shakespeare.py                     # ~1.5 min quiet, 10+ min on a busy box
     python benchmarks/bench_mamba_shakespeare.py --quick             # smoke run, ~2 min
     python benchmarks/bench_mamba_shakespeare.py --seeds 1 2 --scout none   # more seeds, no scouting
+
+``--architecture mamba2`` builds ``CompreSSMMamba2ForCausalLM`` instead (``--head-dim``, ``--n-groups``;
+``num_heads = 2 * hidden / head_dim``). ``--out FILE`` appends one JSON line per run (command, seed, variant
+label ``full`` / ``compressm`` / ``scratch``, final sizes, val ppl, train wall and CPU s, probes, load average),
+``--variants`` picks the comparison runs of a process (to split seeds and variants over processes), and
+``--summarize FILE...`` prints mean ± std per variant and the paired (by seed) CompreSSM − scratch and
+CompreSSM − full perplexity differences with 95 % t-intervals (``bench_paper_claim.paired_ci``)::
+
+    python benchmarks/bench_mamba_shakespeare.py --architecture mamba2 --hidden 128 --layers 4 --head-dim 32 \\
+        --batch-size 16 --max-steps 600 --n0 128 --tau 0.04 --scout none --threads 1 --seeds 0 1 2 \\
+        --out benchmarks/results/mamba2_shakespeare_runs.jsonl
+    python benchmarks/bench_mamba_shakespeare.py --summarize benchmarks/results/mamba2_shakespeare_runs.jsonl
 """
 
 from __future__ import annotations
@@ -31,19 +43,25 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_paper_claim as claim  # append_line, paired_ci: the JSONL records and the paired t-interval
 from _timing import probe
+
+VARIANTS = {"compressed": "compressm", "uncompressed": "full", "born_small": "scratch"}  # name -> JSONL label
 
 
 def Progress(label: str):
     """A TrainerCallback that prints progress to stderr every 10 % of the steps."""
-    import sys
-
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
@@ -60,10 +78,12 @@ def Progress(label: str):
 
 
 def build_model(args, state_sizes: list[int], seed: int):
-    from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+    """A byte-level LM of ``args.architecture`` (``mamba``: Mamba-1, ``mamba2``: Mamba-2) at ``state_sizes``.
 
+    Mamba-2: ``num_heads = 2 * hidden / head_dim`` (expand 2), ``n_groups`` groups, SSD chunks of at most 64 tokens.
+    """
     torch.manual_seed(seed)
-    cfg = CompreSSMMambaConfig(
+    common = dict(
         vocab_size=256,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -73,7 +93,26 @@ def build_model(args, state_sizes: list[int], seed: int):
         use_cache=False,
         tie_word_embeddings=True,
     )
-    return CompreSSMMambaForCausalLM(cfg)
+    if args.architecture == "mamba2":
+        from compressm_hf.modeling.mamba2 import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
+
+        inner = 2 * args.hidden
+        if inner % args.head_dim != 0:
+            raise SystemExit(f"--head-dim {args.head_dim} must divide 2 * --hidden = {inner} (expand 2)")
+        cfg = CompreSSMMamba2Config(
+            **common,
+            num_heads=inner // args.head_dim,
+            head_dim=args.head_dim,
+            n_groups=args.n_groups,
+            chunk_size=min(64, args.block_size),  # the CLI default; changes speed, not values
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return CompreSSMMamba2ForCausalLM(cfg)
+    from compressm_hf.modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+
+    return CompreSSMMambaForCausalLM(CompreSSMMambaConfig(**common))
 
 
 def run(args, splits, state_sizes: list[int], seed: int, compress: bool) -> dict:
@@ -120,15 +159,17 @@ def run(args, splits, state_sizes: list[int], seed: int, compress: bool) -> dict
         trainer.remove_callback(PrinterCallback)  # no per-log dict prints (disable_tqdm installs it)
         if cb is not None:
             cb.bind(trainer)
+        load0 = os.getloadavg()[0]
         p0 = probe()
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.train()
         train_time = time.perf_counter() - t0
         train_cpu = time.process_time() - c0
         p1 = probe()
+        load1 = os.getloadavg()[0]
         metrics = trainer.evaluate()
         history = list(cb.history) if cb is not None else []
-    sizes = [int(m.state_size) for m in model.mixers()]
+    sizes = [int(n) for n in model.config.state_sizes]
     return {
         "sizes": sizes,
         "initial": list(state_sizes),
@@ -137,9 +178,90 @@ def run(args, splits, state_sizes: list[int], seed: int, compress: bool) -> dict
         "train_time": train_time,
         "train_cpu": train_cpu,
         "probes": (p0, p1),
+        "load_avg": (load0, load1),
         "params": sum(p.numel() for p in model.parameters()),
         "events": history,
     }
+
+
+def record(args, r: dict, seed: int, name: str) -> None:
+    """Append run ``r`` (of variant ``name``, a key of ``VARIANTS``) as one JSON line to ``args.out``."""
+    if not args.out:
+        return
+    claim.append_line(
+        args.out,
+        {
+            "label": VARIANTS.get(name, name),
+            "seed": seed,
+            "command": args.command,
+            "architecture": args.architecture,
+            "max_steps": args.max_steps,
+            "tau": args.tau if name == "compressed" else None,
+            "initial_state_sizes": r["initial"],
+            "state_sizes": r["sizes"],
+            "mean_state_size": statistics.fmean(r["sizes"]),
+            "params": r["params"],
+            "eval_loss": r["eval_loss"],
+            "ppl": r["ppl"],
+            "train_s": r["train_time"],
+            "train_cpu_s": r["train_cpu"],
+            "probe_gflops": list(r["probes"]),
+            "load_avg": r["load_avg"],
+            "events": [{k: ev.get(k) for k in ("step", "sizes_before", "sizes_after")} for ev in r["events"]],
+        },
+    )
+
+
+def summarize(paths: list[str]) -> dict:
+    """Print (markdown) and return mean ± std per variant of the JSONL runs in ``paths``, and the paired
+    (by seed) CompreSSM − scratch and CompreSSM − full validation-perplexity differences with 95 % t-intervals
+    (negative: CompreSSM has the lower perplexity)."""
+    runs = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
+    by_label: dict[str, list[dict]] = {}
+    for r in runs:
+        by_label.setdefault(r["label"], []).append(r)
+    commands = sorted({r["command"] for r in runs})
+    print("commands:\n" + "\n".join(f"  {c}" for c in commands) + "\n")
+    print(
+        "| variant | seeds | val ppl mean ± std | final sizes | train wall s / run | train CPU s / run "
+        "| probe GF/s (min) | load avg (1 min) |\n|---|---|---|---|---|---|---|---|"
+    )
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+    result: dict = {"commands": commands, "rows": {}}
+    for label in ("full", "compressm", "scratch"):
+        rs = sorted(by_label.get(label, []), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        ppl = [r["ppl"] for r in rs]
+        wall, cpu = [r["train_s"] for r in rs], [r["train_cpu_s"] for r in rs]
+        sizes = sorted({fmt_sizes(r["state_sizes"]) for r in rs})
+        gf = min(min(r["probe_gflops"]) for r in rs)
+        loads = [x for r in rs for x in r.get("load_avg") or []]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
+        result["rows"][label] = {
+            "seeds": [r["seed"] for r in rs],
+            "ppl": ppl,
+            "train_s": wall,
+            "train_cpu_s": cpu,
+        }
+        print(
+            f"| {label} | {len(rs)} | {statistics.fmean(ppl):.3f} ± {sd(ppl):.3f} | {', '.join(sizes)} | "
+            f"{statistics.fmean(wall):.0f} ± {sd(wall):.0f} | {statistics.fmean(cpu):.0f} ± {sd(cpu):.0f} | "
+            f"{gf:.0f} | {load} |"
+        )
+    ppl_of = {k: {r["seed"]: r["ppl"] for r in v} for k, v in by_label.items()}
+    for other in ("scratch", "full"):
+        if "compressm" not in ppl_of or other not in ppl_of:
+            continue
+        ci = claim.paired_ci(ppl_of["compressm"], ppl_of[other])
+        result[f"compressm_minus_{other}"] = ci
+        if len(ci["seeds"]) > 1:
+            print(
+                f"\ncompressm - {other} val ppl (paired by seed, n={len(ci['seeds'])}): {ci['mean']:+.4f}, "
+                f"95% CI [{ci['low']:+.4f}, {ci['high']:+.4f}], p = {ci['p']:.3g}, "
+                f"compressm lower on {len(ci['seeds']) - ci['wins']}/{len(ci['seeds'])} seeds"
+            )
+    return result
 
 
 def fmt_sizes(sizes: list[int]) -> str:
@@ -165,7 +287,36 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 60 steps, scouting 4 and 64 only")
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument(
+        "--architecture", choices=["mamba", "mamba2"], default="mamba", help="Mamba-1 or Mamba-2 LM"
+    )
+    p.add_argument(
+        "--head-dim", type=int, default=32, help="mamba2: head size (num_heads = 2 * hidden / head_dim)"
+    )
+    p.add_argument("--n-groups", type=int, default=1, help="mamba2: groups sharing B and C")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="comparison runs per seed (born_small needs compressed); split runs over processes with this",
+    )
+    p.add_argument("--out", default=None, metavar="JSONL", help="append one JSON line per run here")
+    p.add_argument("--summarize", nargs="+", metavar="JSONL", help="no training: the table of these files")
+    p.add_argument("--summary-json", metavar="JSON", help="with --summarize: also write the summary here")
     args = p.parse_args(argv)
+    if args.summarize:
+        result = summarize(args.summarize)
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    if "born_small" in args.variants and "compressed" not in args.variants:
+        raise SystemExit(
+            f"--variants {' '.join(args.variants)}: born_small needs compressed (its final sizes)"
+        )
+    args.command = "python benchmarks/bench_mamba_shakespeare.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     if args.max_steps is None:
         args.max_steps = 60 if args.quick else 300
     if args.quick and args.scout == "4,16,64":
@@ -189,9 +340,11 @@ def main(argv=None):
     )
     scout = [] if args.scout == "none" else [int(x) for x in args.scout.split(",")]
     L = args.layers
-    print("# CompreSSM on Shakespeare (byte-level Mamba LM, transformers Trainer)\n")
+    arch = "Mamba-2" if args.architecture == "mamba2" else "Mamba"
+    print(f"# CompreSSM on Shakespeare (byte-level {arch} LM, transformers Trainer)\n")
+    shape = f", head_dim {args.head_dim}, {args.n_groups} group(s)" if args.architecture == "mamba2" else ""
     print(
-        f"torch {torch.__version__}, threads {args.threads}; model: {L} layers, hidden {args.hidden}, expand 2, "
+        f"torch {torch.__version__}, threads {args.threads}; model: {L} layers, hidden {args.hidden}, expand 2{shape}, "
         f"vocab 256; block {args.block_size}, batch {args.batch_size}, {args.max_steps} steps "
         f"({args.max_steps * args.batch_size * args.block_size / 1e6:.2f} M tokens, "
         f"{len(splits['train'])} train blocks), AdamW lr {args.lr} cosine, "
@@ -219,6 +372,7 @@ def main(argv=None):
         for n in scout:
             r = run(args, splits, [n] * L, s0, compress=False)
             results["scout"][n] = r
+            record(args, r, s0, f"scout-n{n}")
             print(line(f"uncompressed d_state {n}", r), flush=True)
         ppls = [results["scout"][n]["ppl"] for n in scout]
         grows = all(b < a for a, b in zip(ppls, ppls[1:]))
@@ -232,17 +386,26 @@ def main(argv=None):
     print("| seed " + header.replace("\n", "\n|---"), flush=True)
     for seed in args.seeds:
         res = {}
-        res["compressed"] = run(args, splits, [args.n0] * L, seed, compress=True)
-        print(f"| {seed} " + line("compressed", res["compressed"]), flush=True)
-        if seed == args.seeds[0] and args.n0 in results["scout"]:
-            res["uncompressed"] = results["scout"][args.n0]
-            note = " (scouting run)"
-        else:
-            res["uncompressed"] = run(args, splits, [args.n0] * L, seed, compress=False)
-            note = ""
-        print(f"| {seed} " + line("uncompressed" + note, res["uncompressed"]), flush=True)
-        res["born_small"] = run(args, splits, res["compressed"]["sizes"], seed, compress=False)
-        print(f"| {seed} " + line("born small (final sizes)", res["born_small"]), flush=True)
+        if "compressed" in args.variants:
+            res["compressed"] = run(args, splits, [args.n0] * L, seed, compress=True)
+            record(args, res["compressed"], seed, "compressed")
+            print(f"| {seed} " + line("compressed", res["compressed"]), flush=True)
+        if "uncompressed" in args.variants:
+            if seed == args.seeds[0] and args.n0 in results["scout"]:
+                res["uncompressed"] = results["scout"][args.n0]
+                note = " (scouting run)"
+                record(
+                    args, res["uncompressed"], seed, "uncompressed"
+                )  # the same run, under its variant label
+            else:
+                res["uncompressed"] = run(args, splits, [args.n0] * L, seed, compress=False)
+                record(args, res["uncompressed"], seed, "uncompressed")
+                note = ""
+            print(f"| {seed} " + line("uncompressed" + note, res["uncompressed"]), flush=True)
+        if "born_small" in args.variants:
+            res["born_small"] = run(args, splits, res["compressed"]["sizes"], seed, compress=False)
+            record(args, res["born_small"], seed, "born_small")
+            print(f"| {seed} " + line("born small (final sizes)", res["born_small"]), flush=True)
         results["runs"][seed] = res
 
     if len(args.seeds) > 1:
@@ -250,7 +413,7 @@ def main(argv=None):
         print(
             "| run | val ppl mean | val ppl min-max | train wall s mean | train CPU s mean |\n|---|---|---|---|---|"
         )
-        for name in ("compressed", "uncompressed", "born_small"):
+        for name in args.variants:
             ppl = [results["runs"][s][name]["ppl"] for s in args.seeds]
             tt = [results["runs"][s][name]["train_time"] for s in args.seeds]
             tc = [results["runs"][s][name]["train_cpu"] for s in args.seeds]
@@ -259,7 +422,7 @@ def main(argv=None):
             )
 
     print("\n### Compression events (first seed)\n")
-    for ev in results["runs"][args.seeds[0]]["compressed"]["events"]:
+    for ev in results["runs"][args.seeds[0]].get("compressed", {}).get("events", []):
         keys = ("step", "sizes", "sizes_before", "sizes_after", "layers")
         short = {k: ev[k] for k in keys if k in ev and k != "layers"}
         print(f"- {json.dumps(short) if short else json.dumps(ev, default=str)[:300]}")
