@@ -117,7 +117,10 @@ class ParamSwap(NamedTuple):
 
 @runtime_checkable
 class ReducibleSSM(Protocol):
-    """What a compressible SSM mixer implements.
+    """What a compressible SSM mixer implements: ``lti_system``, ``reduce_`` and ``resize_``.
+
+    ``isinstance(mixer, ReducibleSSM)`` checks that every member is there (not the signatures; the
+    tests check those for every mixer in the package).
 
     Attributes:
         layer_idx: index of the layer in ``config.state_sizes``.
@@ -133,6 +136,19 @@ class ReducibleSSM(Protocol):
 
     def reduce_(self, plan: ReductionPlan) -> list[ParamSwap]:
         """Shrink in place to ``plan.rank`` states; return every parameter replaced."""
+        ...
+
+    def resize_(self, state_size: int) -> None:
+        """Reallocate the layer in place at ``state_size`` states (larger or smaller) and update
+        ``config.state_sizes[layer_idx]``.
+
+        The values of the states are unspecified (each mixer documents what it keeps, e.g. the leading
+        states); they are meant to be overwritten. Used to load a checkpoint written after a reduction
+        into a model built at its original size, and by pragmatic rollback to undo a cut.
+
+        Raises:
+            ValueError: ``state_size < 1``.
+        """
         ...
 
 

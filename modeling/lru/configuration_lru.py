@@ -293,6 +293,4 @@ class LRUConfig(PreTrainedConfig):
         return config_dict, kwargs
 
 
-LRUConfig.register_for_auto_class()
-
 __all__ = ["LRUConfig"]

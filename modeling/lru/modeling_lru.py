@@ -27,8 +27,6 @@ copied next to saved models for ``trust_remote_code`` loading.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +45,7 @@ from transformers.utils import logging
 
 from .checkpoint_keys import drop_tied_missing_keys, refuse_adapter_wrapped_checkpoint
 from .configuration_lru import LRUConfig
+from .modeling_common import ParamSwap, _checked_keep, _make_lti_system
 from .scan_lru import lru_scan_chunked, lru_scan_sequential
 
 logger = logging.get_logger(__name__)
@@ -77,29 +76,8 @@ def _one_cache(*given: LRUCache | None) -> LRUCache | None:
     return next(iter(caches.values()), None)
 
 
-class LRUParamSwap(NamedTuple):
-    """One parameter replaced by :meth:`LRUMixer.reduce_` (field-compatible with ``compressm_hf.ParamSwap``)."""
-
-    old: nn.Parameter
-    new: nn.Parameter
-    state_dim: int | None
-    keep: torch.Tensor | None
-
-
-@dataclass
-class _LocalLTISystem:
-    """Stand-in for ``compressm_hf.LTISystem`` when ``compressm_hf`` is not installed (same fields)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    diagonal: bool = True
-    reduction: str = "balanced"
-    surrogate: str | None = None
-
-    @property
-    def state_size(self) -> int:
-        return int(self.A.shape[-1])
+# the name this file gave the record before it moved to modeling_common.py (the same class)
+LRUParamSwap = ParamSwap
 
 
 class LRUCacheLayer(LinearAttentionLayer):
@@ -146,18 +124,22 @@ class LRUCache(Cache):
         self.seen_tokens = 0
 
 
+# Copied from transformers.models.mamba.modeling_mamba.MambaRMSNorm with Mamba->LRU
 class LRURMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size, eps=1e-6):
+        """
+        LRURMSNorm is equivalent to T5LayerNorm and LlamaRMSNorm
+        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(dtype)
+        return self.weight * hidden_states.to(input_dtype)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
@@ -337,11 +319,7 @@ class LRUMixer(nn.Module):
         gamma = torch.exp(self.gamma_log.detach().to(torch.float64))[:, None]
         B = gamma * torch.complex(self.B_re.detach().to(torch.float64), self.B_im.detach().to(torch.float64))
         C = torch.complex(self.C_re.detach().to(torch.float64), self.C_im.detach().to(torch.float64))
-        try:
-            from compressm_hf.protocol import LTISystem
-        except ImportError:
-            LTISystem = _LocalLTISystem
-        return LTISystem(A=lam.detach(), B=B, C=C, diagonal=True, reduction="balanced")
+        return _make_lti_system(lam.detach(), B, C, None, diagonal=True, reduction="balanced")
 
     def _set_state_size_in_config(self, state_size: int) -> None:
         sizes = list(self.config.state_sizes)
@@ -350,7 +328,7 @@ class LRUMixer(nn.Module):
 
     def _swap_state_params(
         self, values: dict[str, torch.Tensor], keep: torch.Tensor | None
-    ) -> list[LRUParamSwap]:
+    ) -> list[ParamSwap]:
         swaps = []
         for name, state_dim in _STATE_PARAMS.items():
             old = getattr(self, name)
@@ -359,11 +337,11 @@ class LRUMixer(nn.Module):
                 requires_grad=old.requires_grad,
             )
             setattr(self, name, new)
-            swaps.append(LRUParamSwap(old=old, new=new, state_dim=state_dim, keep=keep))
+            swaps.append(ParamSwap(old=old, new=new, state_dim=state_dim, keep=keep))
         return swaps
 
     @torch.no_grad()
-    def reduce_(self, plan) -> list[LRUParamSwap]:
+    def reduce_(self, plan) -> list[ParamSwap]:
         """Shrink in place to ``plan.rank`` states and return every parameter replaced.
 
         * ``plan.keep`` given (modal plans, and balanced plans with the ``random`` selection, whose
@@ -390,23 +368,10 @@ class LRUMixer(nn.Module):
             values = self._params_from_diagonal(diagonal, rank, hidden)
             swaps = self._swap_state_params(values, keep=None)
         elif keep is not None:
-            keep = torch.as_tensor(keep, dtype=torch.long, device=self.nu_log.device).reshape(-1)
-            if keep.numel() != rank:
-                raise ValueError(
-                    f"LRUMixer.reduce_ (layer {self.layer_idx}): plan.keep has {keep.numel()} indices but "
-                    f"plan.rank={rank}."
-                )
-            if keep.numel() and (
-                int(keep.min()) < 0 or int(keep.max()) >= n or keep.unique().numel() != rank
-            ):
-                raise ValueError(
-                    f"LRUMixer.reduce_ (layer {self.layer_idx}): plan.keep must hold {rank} distinct indices in "
-                    f"[0, {n}), got {keep.tolist()}."
-                )
-            values = {
-                name: getattr(self, name).index_select(dim, keep) for name, dim in _STATE_PARAMS.items()
-            }
-            swaps = self._swap_state_params(values, keep=keep.cpu())
+            keep = _checked_keep(keep, n, rank, f"LRUMixer.reduce_ (layer {self.layer_idx})")
+            at = keep.to(self.nu_log.device)
+            values = {name: getattr(self, name).index_select(dim, at) for name, dim in _STATE_PARAMS.items()}
+            swaps = self._swap_state_params(values, keep=keep)
         else:
             raise ValueError(
                 f"LRUMixer.reduce_ (layer {self.layer_idx}): the plan has neither `diagonal` (a reduced system) "
@@ -922,10 +887,6 @@ class LRUForSequenceClassification(LRUPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
-
-LRUModel.register_for_auto_class("AutoModel")
-LRUForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-LRUForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "LRUBatchNorm",

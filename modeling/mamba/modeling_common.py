@@ -1,8 +1,11 @@
-"""Helpers shared by the CompreSSM Mamba and Mamba-2 modeling files (one source, imported by both).
+"""Helpers shared by the CompreSSM LRU, Mamba and Mamba-2 modeling files (one source, imported by all three).
 
-``modeling/mamba2/modeling_common.py`` is a symbolic link to this file: a modeling file copied next to a
-saved model for ``trust_remote_code`` may only import same-folder modules, so each model folder needs the
-file beside it, and ``save_pretrained`` copies its content. Imports only torch and the standard library.
+``modeling/mamba2/modeling_common.py`` and ``modeling/lru/modeling_common.py`` are symbolic links to this file:
+a modeling file copied next to a saved model for ``trust_remote_code`` may only import same-folder modules, so
+each model folder needs the file beside it, and ``save_pretrained`` copies its content. Imports only torch and
+the standard library, so the records of ``compressm_hf.protocol`` that a mixer hands out (:class:`ParamSwap`,
+:class:`_LocalLTISystem`) are forced copies here, each marked ``# Copied from`` and checked by
+``tests/test_copies.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -24,13 +28,59 @@ __all__ = [
 ]
 
 
+# Copied from compressm_hf.protocol.ParamSwap
 class ParamSwap(NamedTuple):
-    """One parameter replaced by a mixer's ``reduce_`` (duck-types ``compressm_hf.ParamSwap``)."""
+    """One parameter replaced by a layer's ``reduce_``.
 
-    old: nn.Parameter
-    new: nn.Parameter
+    Attributes:
+        old: the parameter that was removed from the module.
+        new: the parameter that replaced it (a new ``nn.Parameter`` object).
+        state_dim: the axis of ``old``/``new`` that indexes states, or ``None`` if the shape did
+            not change along a state axis (the optimizer state is then copied when shapes match).
+        keep: ``(new.shape[state_dim],)`` int64 indices into ``old`` along ``state_dim`` when every
+            new slice is a copy of an old one (modal truncation; for Mamba's ``x_proj`` the kept
+            rows ``dt | B[keep] | C[keep]``). ``None`` when the state coordinates changed
+            (balanced truncation): there is no correspondence, and the optimizer-state policy
+            decides between slicing the leading entries and resetting.
+    """
+
+    old: torch.nn.Parameter
+    new: torch.nn.Parameter
     state_dim: int | None
     keep: torch.Tensor | None
+
+
+# Copied from compressm_hf.protocol.LTISystem with LTISystem->_LocalLTISystem, ReductionKind->str
+@dataclass
+class _LocalLTISystem:
+    """A discrete linear time-invariant system ``x[k+1] = A x[k] + B u[k]``, ``y[k] = C x[k]``.
+
+    Attributes:
+        A: ``(..., n)`` diagonal of ``A`` when ``diagonal`` is True, else ``(..., n, n)``.
+            Real (float64) or complex (complex128). Leading dimensions are independent systems
+            (e.g. one SISO system per Mamba channel).
+        B: ``(..., n, m)`` input matrix, same dtype family as ``A``.
+        C: ``(..., p, n)`` output matrix.
+        diagonal: whether ``A`` holds only the diagonal.
+        reduction: which reduction the owning layer can absorb. ``"balanced"``: any reduced
+            system (the layer re-diagonalizes it, e.g. LRU). ``"modal"``: only a subset of its
+            own diagonal states (e.g. Mamba, whose kernels need the shared diagonal ``A``).
+            ``"grouped"``: a subset of state channels per group, chosen by Hankel importance summed
+            over the group's heads (Mamba-2: dense per-head Gramians, see :mod:`compressm_hf.grouped`).
+        surrogate: short description when the system is an averaged surrogate of a selective
+            layer (e.g. ``"mean-dt, E[B^2], E[C^2] over 12288 tokens"``); ``None`` for exact LTI.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    diagonal: bool = True
+    reduction: str = "balanced"
+    surrogate: str | None = None
+
+    @property
+    def state_size(self) -> int:
+        return int(self.A.shape[-1])
 
 
 class MissingStatisticsError(ValueError):
@@ -137,22 +187,49 @@ def _accept_both_cache_names(parent_forward):
 
 
 def _make_lti_system(A, B, C, surrogate, diagonal: bool = True, reduction: str = "modal"):
-    """``compressm_hf.LTISystem`` when the package is importable, else a duck-typed stand-in."""
+    """``compressm_hf.LTISystem`` when the package is importable, else :class:`_LocalLTISystem` (same fields)."""
     try:
         from compressm_hf.protocol import LTISystem
     except ImportError:  # trust_remote_code without compressm_hf installed
-        from types import SimpleNamespace
-
-        return SimpleNamespace(
-            A=A,
-            B=B,
-            C=C,
-            diagonal=diagonal,
-            reduction=reduction,
-            surrogate=surrogate,
-            state_size=int(A.shape[-1]),
-        )
+        LTISystem = _LocalLTISystem
     return LTISystem(A=A, B=B, C=C, diagonal=diagonal, reduction=reduction, surrogate=surrogate)
+
+
+def _checked_keep(keep, n: int, rank: int, where: str, groups: int | None = None) -> torch.Tensor:
+    """``plan.keep`` of a subset-keeping reduction, validated against a layer of ``n`` states.
+
+    Args:
+        keep: the indices of the states to keep (tensor or sequence of ints): ``(rank,)``, or with ``groups``
+            ``(groups, rank)`` (one keep-set per group) or ``(rank,)`` (the same states in every group).
+        n: the layer's current state size (per group).
+        rank: ``plan.rank``, the new state size.
+        where: the layer, as named in the errors (e.g. ``"Mamba layer 3"``).
+        groups: the number of state groups, or ``None`` for a layer with one set of states.
+
+    Returns:
+        A new CPU int64 tensor: ``(rank,)``, or ``(groups, rank)`` when ``groups`` is given.
+
+    Raises:
+        ValueError: (naming ``where``, the shape or the indices) when ``keep`` does not have that shape, when
+            ``rank`` is not in ``[1, n]``, or when a row holds an index outside ``[0, n)`` or twice.
+    """
+    keep = torch.as_tensor(keep).detach().to("cpu", torch.long).clone()
+    if groups is None:
+        keep, expected = keep.reshape(-1), (rank,)
+    else:
+        keep, expected = (keep.expand(groups, -1) if keep.ndim == 1 else keep), (groups, rank)
+    if tuple(keep.shape) != expected or not 1 <= rank <= n:
+        raise ValueError(
+            f"{where}: plan.keep has shape {tuple(keep.shape)} but needs {expected} for plan.rank={rank}, "
+            f"with 1 <= rank <= n={n}."
+        )
+    rows = keep.reshape(-1, rank)
+    if int(keep.min()) < 0 or int(keep.max()) >= n or any(row.unique().numel() != rank for row in rows):
+        per_group = " per group" if groups is not None else ""
+        raise ValueError(
+            f"{where}: plan.keep={keep.tolist()} must hold {rank} distinct indices in [0, {n}){per_group}."
+        )
+    return keep
 
 
 # keys of a CompreSSM config that a stock transformers config does not have (or must not inherit)

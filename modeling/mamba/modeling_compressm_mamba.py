@@ -48,6 +48,7 @@ from .modeling_common import (
     ReducibleMixersMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
+    _checked_keep,
     _is_plain,
     _make_lti_system,
     _one_cache,
@@ -499,19 +500,8 @@ class CompreSSMMambaMixer(Conv1dAdapterGuard, MambaMixer):
             )
         if int(plan.n) != n:
             raise ValueError(f"plan.n={plan.n} but Mamba layer {self.layer_idx} has {n} states.")
-        keep = torch.as_tensor(keep).detach().to("cpu", torch.long).reshape(-1)
         rank = int(plan.rank)
-        if keep.numel() != rank or not 1 <= rank <= n:
-            raise ValueError(
-                f"plan.keep has {keep.numel()} entries but plan.rank={rank}; need 1 <= rank <= n={n} "
-                f"(layer {self.layer_idx})."
-            )
-        if keep.numel() and (
-            int(keep.min()) < 0 or int(keep.max()) >= n or keep.unique().numel() != keep.numel()
-        ):
-            raise ValueError(
-                f"plan.keep={keep.tolist()} must hold distinct state indices in [0, {n}) (layer {self.layer_idx})."
-            )
+        keep = _checked_keep(keep, n, rank, f"Mamba layer {self.layer_idx}")
         rows = _state_rows(self.time_step_rank, n, keep)
         replaced = self._apply_state_change(
             rank,

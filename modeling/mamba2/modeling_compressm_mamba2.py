@@ -44,6 +44,7 @@ from .modeling_common import (
     ReducibleMixersMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
+    _checked_keep,
     _is_plain,
     _make_lti_system,
     _one_cache,
@@ -362,7 +363,7 @@ class CompreSSMMamba2Mixer(Conv1dAdapterGuard, Mamba2Mixer):
     # ------------------------------------------------------------------ reduction
 
     @torch.no_grad()
-    def reduce_(self, plan) -> list:
+    def reduce_(self, plan) -> list[ParamSwap]:
         """Keep the state channels ``plan.keep`` of every group (a subset, no rotation), in place.
 
         The ``in_proj`` rows and ``conv1d`` channels (weight and bias) of the kept B and C states become new
@@ -392,19 +393,7 @@ class CompreSSMMamba2Mixer(Conv1dAdapterGuard, Mamba2Mixer):
         if int(plan.n) != n:
             raise ValueError(f"plan.n={plan.n} but Mamba-2 layer {self.layer_idx} has {n} states.")
         rank = int(plan.rank)
-        keep = torch.as_tensor(keep).detach().to("cpu", torch.long)
-        if keep.ndim == 1:
-            keep = keep.expand(G, -1)
-        if tuple(keep.shape) != (G, rank) or not 1 <= rank <= n:
-            raise ValueError(
-                f"plan.keep has shape {tuple(keep.shape)} but layer {self.layer_idx} needs ({G}, rank) or (rank,) "
-                f"with 1 <= rank={rank} <= n={n}."
-            )
-        if int(keep.min()) < 0 or int(keep.max()) >= n or any(row.unique().numel() != rank for row in keep):
-            raise ValueError(
-                f"plan.keep={keep.tolist()} must hold distinct state indices in [0, {n}) per group "
-                f"(Mamba-2 layer {self.layer_idx})."
-            )
+        keep = _checked_keep(keep, n, rank, f"Mamba-2 layer {self.layer_idx}", groups=G)
         for name in ("in_proj", "conv1d"):
             if not _is_plain(getattr(self, name), nn.Linear if name == "in_proj" else nn.Conv1d):
                 raise UnsupportedAdapterError(

@@ -1,0 +1,1 @@
+../mamba/modeling_common.py
