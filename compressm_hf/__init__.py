@@ -15,6 +15,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from .diagonal import DiagonalSystem, rediagonalize
+from .engine import CompressionEvent, compress_model
 from .errors import (
     CompreSSMError,
     InvalidRankError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 # name -> module (relative to this package) for the lazily imported, transformers-dependent API.
 _LAZY = {
     "CompreSSMCallback": "trainer.callback",
+    "CompreSSMConfig": "settings",
     "CompressionSchedule": "trainer.schedule",
     "LRUConfig": "modeling.lru",
     "LRUModel": "modeling.lru",
@@ -51,6 +53,7 @@ _LAZY = {
 __all__ = [
     "BalancedTruncation",
     "CompreSSMError",
+    "CompressionEvent",
     "DiagonalSystem",
     "InvalidRankError",
     "InvalidSystemError",
@@ -63,6 +66,7 @@ __all__ = [
     "UnstableSystemError",
     "apply_gate",
     "balanced_truncation",
+    "compress_model",
     "find_reducible_layers",
     "gramians",
     "hankel_singular_values",
@@ -101,5 +105,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modeling.lru import LRUConfig, LRUForCausalLM, LRUForSequenceClassification, LRUModel  # noqa: F401
     from .modeling.mamba import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, CompreSSMMambaModel  # noqa: F401
     from .modeling.tokenization_bytes import CompreSSMByteTokenizer  # noqa: F401
+    from .settings import CompreSSMConfig  # noqa: F401
     from .trainer.callback import CompreSSMCallback  # noqa: F401
     from .trainer.schedule import CompressionSchedule  # noqa: F401

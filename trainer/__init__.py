@@ -4,13 +4,21 @@
 * :class:`CompressionSchedule` -- which optimizer steps attempt a reduction;
 * :mod:`.surgery` -- optimizer-state transplant, in-place DDP rebuild, rollback snapshots;
 * :mod:`.report` -- ``compression_report.json`` and the log payloads;
-* :mod:`.defaults` -- the default of every compression setting (the paper's), shared with both CLIs.
+* :mod:`.trainer_lookup` (finding the Trainer), :mod:`.checkpoints` (checkpoint integrity), :mod:`.health`
+  (non-finite / signal-free runs), :mod:`.rollback` (pragmatic mode) -- the callback's helpers, one job each
+  (the cut itself is :func:`compressm_hf.engine.compress_model`);
+* :mod:`.defaults` -- the default of every compression setting (the paper's), shared with both CLIs
+  (held together by :class:`compressm_hf.settings.CompreSSMConfig`).
+
+The callback and the Hub helpers (which import transformers) load on first access, so
+``compressm_hf.settings`` can import ``.defaults`` / ``.schedule`` without a cycle through the callback.
 """
 
 from __future__ import annotations
 
-from .callback import CompreSSMCallback, NonFiniteTrainingWarning, find_trainer
-from .hub import protect_hub_token
+import importlib
+from typing import TYPE_CHECKING
+
 from .report import REPORT_NAME, ReportWriteError, read_report, write_report
 from .schedule import CompressionSchedule, ShortRunWarning
 from .surgery import base_optimizer, rebuild_ddp_in_place_, transplant_optimizer_state
@@ -30,3 +38,23 @@ __all__ = [
     "transplant_optimizer_state",
     "write_report",
 ]
+
+# name -> submodule, loaded on first access (they import transformers, and the callback imports
+# compressm_hf.settings, which imports this package's light modules)
+_LAZY = {
+    "CompreSSMCallback": "callback",
+    "NonFiniteTrainingWarning": "callback",
+    "find_trainer": "callback",
+    "protect_hub_token": "hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .callback import CompreSSMCallback, NonFiniteTrainingWarning, find_trainer
+    from .hub import protect_hub_token

@@ -31,21 +31,30 @@ and its reference code), with the reasoning:
   The paper's grid for CIFAR and LRA is {0.02, 0.03, 0.05, 0.07, 0.10, 0.15}; 0.1 compresses clearly at
   every attempt without being the grid's most aggressive. ``compressm-analyze compress`` (a one-off cut of
   a trained model) still asks for ``--tau`` explicitly.
+* ``ON_NONFINITE = "warn"``, ``BUDGET_SCHEDULE = "geometric"``, ``SEED = 0``: not from the paper; a diverged
+  attempt is skipped with a warning (not a stop), a state budget is approached in equal-ratio steps, and the
+  ``selection="random"`` ablation draws reproducibly.
+
+:class:`~compressm_hf.settings.CompreSSMConfig` holds every setting with these defaults (one dataclass, one
+vocabulary); the callback and both CLIs build it.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ATTEMPTS",
+    "BUDGET_SCHEDULE",
     "CLI_TAU",
     "TAU",
     "FIXED_FRACTION",
     "GATE",
     "MIN_STATE_SIZE",
     "MODE",
+    "ON_NONFINITE",
     "OPTIMIZER_STATE",
     "PRAGMATIC_TOLERANCE",
     "ROUND_TO",
+    "SEED",
     "SELECTION",
     "STATISTICS_STEPS",
     "WINDOW",
@@ -64,3 +73,6 @@ PRAGMATIC_TOLERANCE = 0.02
 OPTIMIZER_STATE = "slice"
 TAU = 0.1
 CLI_TAU = TAU
+ON_NONFINITE = "warn"
+BUDGET_SCHEDULE = "geometric"
+SEED = 0

@@ -68,6 +68,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from compressm_hf.engine import plan_record  # noqa: F401  (re-exported: the engine builds the layer records)
+
 REPORT_NAME = "compression_report.json"
 REPORT_FORMAT = "compressm-hf/compression-report"
 REPORT_VERSION = 1
@@ -117,20 +119,6 @@ def jsonable(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(value)
-
-
-def plan_record(plan, n_after: int) -> dict[str, Any]:
-    """The report fields of one layer that a :class:`~compressm_hf.protocol.ReductionPlan` cut."""
-    return {
-        "n_after": int(n_after),
-        "reduced": True,
-        "rule": plan.rule,
-        "selection": plan.selection,
-        "hsv": plan.hsv,
-        "energy_kept": float(plan.energy_kept),
-        "error_bound": float(plan.error_bound),
-        "extra": plan.extra,
-    }
 
 
 def build_report(
@@ -300,11 +288,13 @@ def config_record(
     original_sizes: list[int] | None,
     events: list[Mapping[str, Any]],
     target_total_state: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict:
     """The compact record stored in ``model.config.compression`` (no spectra; see the report).
 
     With a state budget (``target_total_state``, the budget as a total) ``tau`` is ``None`` and every
-    event that searched one carries the ``tau`` found for it.
+    event that searched one carries the ``tau`` found for it. ``settings`` (``CompreSSMConfig.to_dict()``)
+    is stored as ``"settings"``, read back by ``CompreSSMConfig.from_pretrained``.
     """
     record = {
         "method": "CompreSSM (arXiv 2510.02823)",
@@ -315,6 +305,8 @@ def config_record(
     }
     if target_total_state is not None:
         record["target_total_state"] = int(target_total_state)
+    if settings is not None:
+        record["settings"] = dict(settings)
     return record
 
 

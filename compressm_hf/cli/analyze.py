@@ -46,11 +46,11 @@ from compressm_hf.cli import (
     needs_statistics,
     perplexity,
 )
-from compressm_hf.cli.helptext import HelpFormatter, examples_epilog, plain_help
+from compressm_hf.cli.helptext import HelpFormatter, as_flags, examples_epilog, plain_help
 from compressm_hf.cli.train_record import RECORD_NAME, calibration_source
-from compressm_hf.trainer import defaults
+from compressm_hf.settings import CompreSSMConfig
 
-__all__ = ["build_parser", "layer_spectra", "main", "rank_for_tau"]
+__all__ = ["build_parser", "layer_spectra", "main", "rank_for_tau", "settings_from_args"]
 
 DEFAULT_TAUS = (0.01, 0.05, 0.1)
 TOKENIZER_FILES = (
@@ -200,40 +200,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_policy(p: argparse.ArgumentParser, *, with_tau: bool) -> None:
+    """The rank-policy flags: :class:`~compressm_hf.CompreSSMConfig` fields, with its help and defaults."""
     g = p.add_argument_group("rank policy (as CompreSSMCallback)")
     if with_tau:
-        g.add_argument(
-            "--tau", type=_tau, default=None, help="discarded fraction of sum(HSV) per layer (mode tolerance)"
+        _add_setting(
+            g,
+            "tau",
+            type=_tau,
+            help="Discarded fraction of each layer's Hankel-singular-value sum, in [0, 1); required with mode "
+            "tolerance.",
         )
-        g.add_argument("--mode", choices=["tolerance", "fixed"], default=defaults.MODE, help="rank rule")
-        g.add_argument(
-            "--fixed_fraction",
-            type=float,
-            default=defaults.FIXED_FRACTION,
-            help="mode fixed: fraction of states cut",
-        )
-        g.add_argument(
-            "--selection",
-            choices=["largest", "smallest", "random"],
-            default=defaults.SELECTION,
-            help="which states to keep",
-        )
-        g.add_argument("--seed", type=int, default=0, help="seed of --selection random")
-    g.add_argument(
-        "--gate", type=_fraction, default=defaults.GATE, help="cut a layer only if the new size is < gate * n"
-    )
-    g.add_argument(
-        "--min_state_size",
-        type=_positive_int,
-        default=defaults.MIN_STATE_SIZE,
-        help="never go below this size",
-    )
-    g.add_argument(
-        "--round_to",
-        type=_positive_int,
-        default=defaults.ROUND_TO,
-        help="round new sizes up to a multiple of this",
-    )
+        _add_setting(g, "mode", choices=["tolerance", "fixed"])  # pragmatic needs a training run
+        _add_setting(g, "fixed_fraction", type=float)
+        _add_setting(g, "selection")
+        _add_setting(g, "seed", type=int)
+    _add_setting(g, "gate", type=_fraction)
+    _add_setting(g, "min_state_size", type=_positive_int)
+    _add_setting(g, "round_to", type=_positive_int)
+
+
+def _add_setting(group, name: str, **kwargs) -> None:
+    """``--name`` for the CompreSSMConfig field ``name``: its help, default and choices unless given."""
+    setting = CompreSSMConfig.__dataclass_fields__[name]
+    kwargs.setdefault("default", setting.default)
+    kwargs.setdefault("help", setting.metadata["help"])
+    if "choices" in setting.metadata:
+        kwargs.setdefault("choices", list(setting.metadata["choices"]))
+    group.add_argument(f"--{name}", **kwargs)
+
+
+POLICY_SETTINGS = ("tau", "mode", "fixed_fraction", "selection", "seed", "gate", "min_state_size", "round_to")
+
+
+def settings_from_args(args: argparse.Namespace) -> CompreSSMConfig:
+    """The :class:`~compressm_hf.CompreSSMConfig` of the parsed rank-policy flags (those the subcommand has);
+    ``config.policy()`` is the rank policy. Raises ``InvalidSettingError`` (a ValueError) for a bad value."""
+    return CompreSSMConfig(**{name: getattr(args, name) for name in POLICY_SETTINGS if hasattr(args, name)})
 
 
 # ---------------------------------------------------------------------------------------------- spectra
@@ -458,9 +460,10 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from compressm_hf import RankPolicy, find_reducible_layers, plan_reduction
+    from compressm_hf import RankPolicy
+    from compressm_hf.engine import compress_model, record_compression
     from compressm_hf.trainer.model_card import write_model_card
-    from compressm_hf.trainer.report import build_report, config_record, jsonable, plan_record
+    from compressm_hf.trainer.report import build_report, config_record, jsonable
 
     out = Path(args.output_dir)
     if out.resolve() == Path(args.model_dir).resolve():
@@ -485,28 +488,9 @@ def cmd_compress(args) -> int:
         selection=args.selection,
         fixed_fraction=args.fixed_fraction,
     )
-    layers = find_reducible_layers(model)
-    sizes_before = [int(layer.state_size) for layer in layers]
     previous = getattr(model.config, "compression", None)
-    t_event = time.perf_counter()
-    records = []
-    with torch.no_grad():
-        for layer in layers:
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + int(layer.layer_idx))
-            plan = plan_reduction(layer.lti_system(), policy, g)
-            n = int(layer.state_size)
-            record = {"layer_idx": int(layer.layer_idx), "n_before": n, "n_after": n, "reduced": False}
-            if plan is None:
-                record["reason"] = "gate"
-            else:
-                layer.reduce_(plan)
-                record.update(plan_record(plan, layer.state_size))
-            record["wall_time_s"] = time.perf_counter() - t0
-            records.append(record)
-    sizes_after = [int(layer.state_size) for layer in layers]
-    if getattr(model.config, "state_sizes", None) is not None:
-        model.config.state_sizes = list(sizes_after)
+    cut = compress_model(model, policy, seed=args.seed)  # the engine of the callback (pole margin, skips)
+    sizes_before, sizes_after = cut.sizes_before, cut.sizes_after
     step = 0
     event = {
         "kind": "reduction",
@@ -515,13 +499,13 @@ def cmd_compress(args) -> int:
         "post_hoc": True,
         "sizes_before": sizes_before,
         "sizes_after": sizes_after,
-        "layers_reduced": sum(r["reduced"] for r in records),
-        "wall_time_s": time.perf_counter() - t_event,
-        "layers": records,
+        "layers_reduced": cut.layers_reduced,
+        "wall_time_s": cut.wall_time_s,
+        "layers": cut.layers,
     }
     events = [jsonable(event)]
-    model.config.compression = config_record(
-        tau=args.tau, mode=args.mode, original_sizes=sizes_before, events=events
+    record_compression(
+        model, config_record(tau=args.tau, mode=args.mode, original_sizes=sizes_before, events=events)
     )
     ppl_after = perplexity(model, evals, args.batch_size) if evals is not None else None
 
@@ -568,7 +552,7 @@ def cmd_compress(args) -> int:
     )
 
     rows = []
-    for r in records:
+    for r in cut.layers:
         rows.append(
             [
                 str(r["layer_idx"]),
@@ -606,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "compress" and args.mode == "tolerance" and args.tau is None:
         parser.error("compress --mode tolerance needs --tau (e.g. --tau 0.05)")
-    if args.command == "compress" and not 0.0 < args.fixed_fraction < 1.0:
-        parser.error(f"--fixed_fraction must be in (0, 1), got {args.fixed_fraction}")
+    try:
+        settings_from_args(args)  # the settings' own checks (fixed_fraction in (0, 1), ...)
+    except ValueError as err:
+        parser.error(as_flags(err))
     try:
         model_ok = Path(args.model_dir).is_dir()
         if not model_ok:

@@ -3,7 +3,8 @@
 Both CLIs use :class:`HelpFormatter` and pass their parser through :func:`plain_help`, which strips the
 reStructuredText/Markdown markup (````x````, ```x```, ``:class:`x```) that docstrings and
 ``transformers.TrainingArguments`` help strings carry; :func:`examples_epilog` formats the example
-command lines shown after the options.
+command lines shown after the options; :func:`as_flags` words a settings error the way the command line
+names the setting.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 
-__all__ = ["HelpFormatter", "examples_epilog", "plain_help", "plain_text"]
+__all__ = ["HelpFormatter", "as_flags", "examples_epilog", "plain_help", "plain_text"]
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :class:`~a.B` -> a.B
 _QUOTED = re.compile(r"`{1,2}([^`]*)`{1,2}")  # ``x`` / `x` -> x
@@ -57,3 +58,15 @@ def examples_epilog(examples: list[tuple[str, str]]) -> str:
     for command, what in examples:
         lines += [f"  {command}", f"      {what}"]
     return "\n".join(lines)
+
+
+def as_flags(err: Exception) -> str:
+    """A settings error as the command line names it: ``window takes ...`` -> ``--window takes ...`` (when the
+    message starts with a :class:`~compressm_hf.CompreSSMConfig` field name)."""
+    import dataclasses
+
+    from compressm_hf.settings import CompreSSMConfig
+
+    message = str(err)
+    first = message.split(" ", 1)[0]
+    return f"--{message}" if first in {f.name for f in dataclasses.fields(CompreSSMConfig)} else message

@@ -3,7 +3,7 @@ recorded training data that compressm-analyze calibrates on, and a normal run wi
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import re
 import shutil
@@ -13,20 +13,22 @@ import sys
 import pytest
 import torch
 
-from compressm_hf import CompreSSMCallback
+from compressm_hf import CompreSSMCallback, CompreSSMConfig
 from compressm_hf.cli import analyze, clock, train
 from compressm_hf.cli.train_record import RECORD_NAME, TrainingDataError, calibration_source
 from compressm_hf.trainer import CompressionSchedule, defaults
 
 from .conftest import TINY_MODEL
-from .test_cli import run_main
+from .helpers import run_main
 
 # -------------------------------------------------------------------------------------------- defaults
 
 
 def test_the_callback_defaults_are_the_papers_from_one_place():
     assert (defaults.WINDOW, defaults.ATTEMPTS, defaults.GATE) == ((0.0, 0.1), 4, 0.95)
-    params = inspect.signature(CompreSSMCallback).parameters
+    # the settings live in CompreSSMConfig; CompreSSMCallback() is CompreSSMCallback(CompreSSMConfig())
+    params = {f.name: f for f in dataclasses.fields(CompreSSMConfig)}
+    assert CompreSSMCallback().config == CompreSSMConfig()
     for name, value in {
         "mode": defaults.MODE,
         "gate": defaults.GATE,

@@ -12,7 +12,7 @@ import torch
 from compressm_hf.cli import analyze, train
 
 from .conftest import TINY_MODEL
-from .test_cli import assert_model_folder, run_main, usage_error
+from .helpers import assert_model_folder, run_main, usage_error
 
 # 2 groups of 2 heads (d_inner 32 = 4 heads * head_dim 8), two SSD chunks per 32-byte block
 TINY_MAMBA2 = [

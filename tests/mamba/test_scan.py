@@ -165,7 +165,7 @@ def test_cpp_store_dA_off_and_groups(references, cpp, monkeypatch):
         return cpp.selective_scan_cpu(*a, store_dA=False, **k)
 
     assert_close(run(no_store, inputs, torch.float32, **kw), ref, "cpp store_dA=False")
-    monkeypatch.setattr(cpp, "_groups", lambda batch, nblk: nblk)
+    monkeypatch.setattr(cpp.selective_scan, "_groups", lambda batch, nblk: nblk)
     assert_close(run(cpp.selective_scan_cpu, inputs, torch.float32, **kw), ref, "cpp groups=nblk")
 
 
@@ -287,7 +287,7 @@ def test_disabled_kernel_falls_back(monkeypatch):
     from compressm_hf import kernels
 
     monkeypatch.setenv("COMPRESSM_DISABLE_CPP_KERNEL", "1")
-    monkeypatch.setattr(kernels, "_state", {"tried": False, "ok": False, "error": None})
+    monkeypatch.setattr(kernels.loader, "_state", {"tried": False, "ok": False, "error": None})
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -311,7 +311,7 @@ def test_importing_compressm_hf_does_not_build(tmp_path):
 
     code = (
         "import sys, compressm_hf, compressm_hf.kernels as k; "
-        "assert not k._state['tried']; "
+        "assert not k.loader._state['tried']; "
         "assert 'torch.utils.cpp_extension' not in sys.modules; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
