@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from compressm_hf.engine import check_state_sizes
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -515,9 +517,9 @@ def restore_training_state(
 
     Layers whose size changed are resized back (``layer.resize_``), all weights are reloaded,
     every parameter group again holds the model's current parameter objects at the recorded
-    positions, the optimizer state (including ``step``) is the snapshot's, and
-    ``config.state_sizes`` is the recorded list.
-    """
+    positions, and the optimizer state (including ``step``) is the snapshot's. ``config.state_sizes``
+    is written by the layers' ``resize_`` and checked here
+    (:func:`compressm_hf.engine.check_state_sizes`)."""
     opt = base_optimizer(optimizer)
     by_idx = {int(layer.layer_idx): layer for layer in layers}
     for idx, n in snapshot["sizes"].items():
@@ -556,6 +558,4 @@ def restore_training_state(
         opt.state[p] = {
             k: (v[0].to(device=v[1], copy=True) if isinstance(v, tuple) else v) for k, v in st.items()
         }
-    config = getattr(model, "config", None)
-    if config is not None and snapshot.get("state_sizes") is not None:
-        config.state_sizes = list(snapshot["state_sizes"])
+    check_state_sizes(model, layers)  # resize_ recorded the sizes (the layers are the one writer)

@@ -26,7 +26,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from compressm_hf.trainer.callback import (
     is_complete_checkpoint,
     last_complete_checkpoint,
-    quarantine_incomplete_checkpoints,
 )
 
 pytestmark = pytest.mark.crash
@@ -186,29 +185,3 @@ def test_kill_inside_on_save(crashed, reference):
     assert is_complete_checkpoint(ckpt)  # the callback state lives in trainer_state.json: usable
     _check_resume(out, 6, reference)
     assert (out / "checkpoint-9" / "compression_report.json").exists()
-
-
-def test_checkpoint_integrity_helpers(tmp_path):
-    def ckpt(step, files):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        for name, text in files.items():
-            (folder / name).write_text(text)
-        return folder
-
-    good = ckpt(2, {"trainer_state.json": '{"global_step": 2}', "model.safetensors": "x"})
-    ckpt(4, {"trainer_state.json": '{"global_step": 4}'})  # no weights
-    ckpt(6, {"trainer_state.json": '{"global_st', "model.safetensors": "x"})  # truncated json
-    ckpt(8, {"model.safetensors": "x"})  # killed before trainer_state.json
-    (tmp_path / "checkpoint-10").write_text("not a folder")
-    assert is_complete_checkpoint(good)
-    assert last_complete_checkpoint(tmp_path) == str(good)
-    moved = quarantine_incomplete_checkpoints(tmp_path)
-    assert [Path(old).name for old, _ in moved] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
-    assert get_last_checkpoint(str(tmp_path)) == str(good)
-    assert (tmp_path / "checkpoint-8.incomplete" / "model.safetensors").exists()
-    # a second quarantine of the same step does not overwrite the first
-    ckpt(8, {})
-    quarantine_incomplete_checkpoints(tmp_path)
-    assert (tmp_path / "checkpoint-8.incomplete-1").is_dir()
-    assert last_complete_checkpoint(tmp_path / "missing") is None

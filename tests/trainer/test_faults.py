@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-import compressm_hf.trainer.callback as callback_module
+import compressm_hf.engine as engine_module
 from compressm_hf.trainer import CompreSSMCallback, read_report
 from compressm_hf.trainer.callback import NonFiniteTrainingWarning
 from compressm_hf.trainer.surgery import base_optimizer
@@ -144,13 +144,13 @@ def test_lru_nan_parameter_skips_the_whole_attempt(tmp_path):
 
 def test_bf16_autocast_cut_plans_in_float64_keeps_float32(tmp_path, monkeypatch):
     seen = []
-    real = callback_module.plan_reduction
+    real = engine_module.plan_reduction
 
     def spy(system, policy, generator=None):
         seen.append((system.A.dtype, system.B.dtype, system.C.dtype))
         return real(system, policy, generator)
 
-    monkeypatch.setattr(callback_module, "plan_reduction", spy)
+    monkeypatch.setattr(engine_module, "plan_reduction", spy)
     model = _lru()
     losses = Losses()
     cb = CompreSSMCallback(tau=0.1, steps=[2])

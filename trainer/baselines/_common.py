@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from compressm_hf.engine import compress_model
 from compressm_hf.modeling.lru.modeling_lru import _STATE_PARAMS as LRU_STATE_PARAMS
-from compressm_hf.protocol import ReductionPlan, find_reducible_layers
+from compressm_hf.protocol import ReductionPlan
 
 
 def is_lru_mixer(module: torch.nn.Module) -> bool:
@@ -77,38 +78,14 @@ def reduce_layers_(
     optimizer=None,
     optimizer_state: str = "slice",
 ) -> list:
-    """Apply ``plans`` (``layer_idx -> plan``) with ``reduce_``, carry the optimizer state, sync the config."""
+    """Apply ``plans`` (``layer_idx -> plan``) through :func:`compressm_hf.engine.compress_model` and carry the
+    optimizer state; returns the parameter swaps (the layers record their sizes in ``config.state_sizes``)."""
     from ..surgery import transplant_optimizer_state
 
-    swaps = []
-    layers = find_reducible_layers(model)
-    for layer in layers:
-        plan = plans.get(int(layer.layer_idx))
-        if plan is None or int(plan.rank) >= int(layer.state_size):
-            continue
-        layer_swaps = list(layer.reduce_(plan))
-        for swap in layer_swaps:
-            old, new = swap[0], swap[1]
-            if new.requires_grad != old.requires_grad:
-                new.requires_grad_(old.requires_grad)
-        swaps.extend(layer_swaps)
+    swaps = compress_model(model, plans=plans).swaps
     if swaps and optimizer is not None:
         transplant_optimizer_state(optimizer, swaps, optimizer_state)
-    sync_state_sizes(model)
     return swaps
-
-
-def sync_state_sizes(model: torch.nn.Module) -> list[int]:
-    """Write every reducible layer's size into ``model.config.state_sizes`` (and return the list)."""
-    layers = find_reducible_layers(model)
-    config = getattr(model, "config", None)
-    sizes = [int(layer.state_size) for layer in layers]
-    if config is not None and getattr(config, "state_sizes", None) is not None:
-        current = list(config.state_sizes)
-        for layer in layers:
-            current[int(layer.layer_idx)] = int(layer.state_size)
-        config.state_sizes = current
-    return sizes
 
 
 def as_sizes(target: int | float | Sequence[int], current: Sequence[int]) -> list[int]:

@@ -22,12 +22,14 @@ import dataclasses
 import torch
 from transformers import Trainer
 
-from compressm_hf import RankPolicy, hankel_singular_values, plan_reduction
+from compressm_hf import RankPolicy, hankel_singular_values
 from compressm_hf.budget import tau_for_budget
+from compressm_hf.engine import compress_model
 from compressm_hf.planning import rank_scores
 from compressm_hf.protocol import find_reducible_layers
 
-from ._common import differentiable_lru_system, is_lru_mixer, reduce_layers_, sync_state_sizes
+from ..surgery import transplant_optimizer_state
+from ._common import differentiable_lru_system, is_lru_mixer
 
 
 def hankel_nuclear_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -128,23 +130,15 @@ def balanced_truncate_(
     policy = RankPolicy(
         tau=0.0 if tau is None else float(tau), gate=float(gate), min_rank=int(min_state_size)
     )
-    layers = find_reducible_layers(model)
-    before = [int(layer.state_size) for layer in layers]
-    systems = [layer.lti_system() for layer in layers]
     if budget is not None:
-        policy = dataclasses.replace(
-            policy, tau=tau_for_budget([rank_scores(s) for s in systems], budget, policy).tau
-        )
-    plans, energy = {}, {}
-    for layer, system in zip(layers, systems):
-        plan = plan_reduction(system, policy)
-        if plan is not None:
-            plans[int(layer.layer_idx)] = plan
-            energy[int(layer.layer_idx)] = float(plan.energy_kept)
-    reduce_layers_(model, plans, optimizer=optimizer)
+        scores = [rank_scores(layer.lti_system()) for layer in find_reducible_layers(model)]
+        policy = dataclasses.replace(policy, tau=tau_for_budget(scores, budget, policy).tau)
+    cut = compress_model(model, policy)
+    if cut.swaps and optimizer is not None:
+        transplant_optimizer_state(optimizer, cut.swaps, "slice")
     return {
-        "sizes_before": before,
-        "sizes_after": sync_state_sizes(model),
-        "energy_kept": energy,
+        "sizes_before": cut.sizes_before,
+        "sizes_after": cut.sizes_after,
+        "energy_kept": {r["layer_idx"]: float(r["energy_kept"]) for r in cut.layers if r["reduced"]},
         "tau": policy.tau,
     }
