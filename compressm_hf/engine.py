@@ -35,7 +35,7 @@ import torch
 from .budget import tau_for_budget
 from .errors import UnstableSystemError
 from .planning import plan_reduction, rank_scores
-from .protocol import ReductionPlan, find_reducible_layers
+from .protocol import ReductionPlan, as_param_swap, find_reducible_layers
 from .rank import RankPolicy
 
 __all__ = [
@@ -277,11 +277,10 @@ def apply_plans(layers: Sequence[torch.nn.Module], plans: LayerPlans) -> tuple[l
             record["reason"] = _reason(idx, plans)
         else:
             t0 = time.perf_counter()
-            layer_swaps = list(layer.reduce_(plan))
+            layer_swaps = [as_param_swap(swap) for swap in layer.reduce_(plan)]
             for swap in layer_swaps:
-                old, new = swap[0], swap[1]  # ParamSwap and duck-typed (old, new, state_dim, keep) tuples
-                if new.requires_grad != old.requires_grad:
-                    new.requires_grad_(old.requires_grad)
+                if swap.new.requires_grad != swap.old.requires_grad:
+                    swap.new.requires_grad_(swap.old.requires_grad)
             swaps.extend(layer_swaps)
             dt += time.perf_counter() - t0
             if int(layer.state_size) != int(plan.rank):

@@ -115,6 +115,24 @@ class ParamSwap(NamedTuple):
     keep: torch.Tensor | None
 
 
+def as_param_swap(swap) -> ParamSwap:
+    """``swap`` as this :class:`ParamSwap`: the one way swaps are read.
+
+    A layer returns ``ParamSwap`` from its own modeling file (a copy of this class for ``trust_remote_code``,
+    so another type) or any ``(old, new, state_dim, keep)`` 4-tuple; all become a ``ParamSwap`` here.
+
+    Raises:
+        TypeError: ``swap`` does not have the four fields.
+    """
+    try:
+        old, new, state_dim, keep = swap
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"a reduce_ swap must be a ParamSwap or an (old, new, state_dim, keep) tuple, got {swap!r}"
+        ) from None
+    return ParamSwap(old, new, state_dim, keep)
+
+
 @runtime_checkable
 class ReducibleSSM(Protocol):
     """What a compressible SSM mixer implements: ``lti_system``, ``reduce_`` and ``resize_``.
@@ -165,3 +183,17 @@ def find_reducible_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         and hasattr(m, "layer_idx")
     ]
     return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def require_reducible_layers(model, who: str) -> list:
+    """:func:`find_reducible_layers` of ``model``, or a ValueError naming ``who`` when there are none (or no
+    model at all)."""
+    if model is None:
+        raise ValueError(f"{who} needs the model (the Trainer passes it to every event), got None")
+    layers = find_reducible_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no reducible SSM layer (no module implements lti_system(), reduce_() "
+            f"and layer_idx); {who} has nothing to compress"
+        )
+    return layers

@@ -134,10 +134,41 @@ def _help(text: str, **extra) -> dict:
 
 @dataclass
 class CompreSSMConfig:
-    """The settings of one CompreSSM run (see :class:`~compressm_hf.CompreSSMCallback` for how each is used).
+    """The settings of one CompreSSM run (each field's ``help`` is its short description; the details follow).
 
-    Schedule: ``window`` / ``attempts`` (fractions of ``max_steps``), or explicit ``steps`` (which win).
-    :attr:`schedule` is the :class:`~compressm_hf.trainer.CompressionSchedule` they describe.
+    Rank rule (``mode``): ``"tolerance"`` (the paper's main method: each layer keeps the smallest rank holding
+    ``1 - tau`` of ``sum(sigma)``; ``tau`` defaults to 0.1, the largest value of the paper's grid {0.02, ...,
+    0.10, 0.15} short of the most aggressive one), ``"fixed"`` (cut ``fixed_fraction`` of the states per
+    attempt) or ``"pragmatic"`` (``"fixed"``; before each cut the model and optimizer are snapshotted (CPU
+    copies) with a fresh evaluation, and at the next evaluation a drop of ``metric_for_pragmatic`` larger than
+    ``pragmatic_tolerance`` restores the pre-cut state exactly and stops cutting for good). A layer is cut only
+    if its new rank is ``< gate * n`` (0.95); ``min_state_size`` and ``round_to`` bound and round new sizes;
+    ``selection`` keeps the dominant balanced states (``"largest"``) or, for the paper's App. C.1 ablations,
+    ``"smallest"`` / ``"random"`` (seeded by ``seed`` per step and layer, so a resumed run draws the same).
+
+    Schedule: ``window`` / ``attempts`` (fractions of ``max_steps``; default 4 attempts in ``(0.0, 0.1)``, the
+    learning-rate warm-up, so 90% of training runs on the smaller model), or explicit ``steps`` (which win).
+    :attr:`schedule` is the :class:`~compressm_hf.trainer.CompressionSchedule` they describe. Selective layers
+    (Mamba, Mamba-2) build their averaged LTI surrogate from running statistics of real training batches,
+    collected during the ``statistics_steps`` optimizer steps before every attempt and reset after it; a run
+    too short for that gets one ``ShortRunWarning`` at ``on_train_begin`` naming what to change.
+
+    State budget (instead of ``tau``, with ``mode="tolerance"``): ``target_total_state`` (states summed over
+    the reducible layers) or ``target_mean_state`` (``floor(mean * num_layers)``). At every attempt the one
+    ``tau`` shared by all layers that gives the largest total not above that attempt's target is found exactly
+    (:func:`compressm_hf.budget.tau_for_budget`, respecting ``gate``, ``min_state_size`` and ``round_to``);
+    ``budget_schedule="geometric"`` makes attempt ``k`` of ``K`` aim at ``N0 * (budget / N0) ** (k / K)`` (each
+    attempt removes about the same fraction), ``"direct"`` aims at the budget every time; the last attempt
+    aims at the budget itself. An unreachable budget raises at ``on_train_begin``.
+
+    Optimizer (``optimizer_state``): ``"slice"`` carries the Adam moments of the cut tensors (by index when
+    the layer reports the kept states, else the leading entries, like the reference code), ``"reset"`` gives
+    fresh zero moments; the scalar ``step`` is always kept. Health (``on_nonfinite``): a diverged or
+    signal-free run (:mod:`compressm_hf.trainer.health`) is never cut; ``"warn"`` skips the attempt loudly,
+    ``"stop"`` also stops the training. Files: ``report_name`` (a plain ``.json`` name, written into
+    ``output_dir`` and every checkpoint); ``skip_incomplete_checkpoints`` renames the ``checkpoint-N`` folders
+    a killed process left half-written to ``checkpoint-N.incomplete`` when the Trainer is built, so
+    ``resume_from_checkpoint=True`` takes the last complete one (nothing is deleted).
 
     Raises:
         InvalidSettingError: (a ``ValueError``) at construction, for any bad value; the message names the
@@ -363,6 +394,26 @@ class CompreSSMConfig:
             msg = str(exc).replace("min_rank", "min_state_size").replace("multiple_of", "round_to")
             raise ValueError(msg) from None
 
+    def uncuttable_layers(self, layers) -> list[tuple[tuple[str, int], str]]:
+        """``((setting, layer_idx), warning)`` for every layer that ``min_state_size`` or ``round_to`` forbid to
+        cut (the setting is not below the layer's state size); the callback warns once per key."""
+        found = []
+        for name, value in (("min_state_size", self.min_state_size), ("round_to", self.round_to)):
+            rule = (
+                "no layer is shrunk below it"
+                if name == "min_state_size"
+                else "new sizes are rounded up to a multiple of it, capped at the state size"
+            )
+            for layer in layers if value > 1 else ():
+                n, idx = int(layer.state_size), int(layer.layer_idx)
+                if value >= n:
+                    message = (
+                        f"CompreSSM: {name}={value} is not below layer {idx}'s state size {n} "
+                        f"({type(layer).__name__}): {rule}, so this layer can never be cut"
+                    )
+                    found.append(((name, idx), message))
+        return found
+
     # ------------------------------------------------------------------ (de)serialization
 
     def to_dict(self) -> dict[str, Any]:
@@ -389,6 +440,29 @@ class CompreSSMConfig:
                 f"CompreSSMConfig.from_dict: unknown settings {unknown} (fields: {sorted(names)})"
             )
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def of(cls, config: CompreSSMConfig | float | None = None, **kwargs) -> CompreSSMConfig:
+        """The config of ``CompreSSMCallback(config, **kwargs)``: ``config`` itself, or one built from the keyword
+        settings (:meth:`from_kwargs`), or ``CompreSSMConfig(tau=config)`` for a bare number (the callback's
+        first positional argument used to be ``tau``).
+
+        Raises:
+            TypeError: a config together with keyword settings, an unknown keyword, or a ``config`` of
+                another type.
+        """
+        if config is not None and kwargs:
+            raise TypeError(
+                f"CompreSSMCallback takes a CompreSSMConfig or keyword settings, not both (got a config and "
+                f"{sorted(kwargs)}); use dataclasses.replace(config, ...) to change a config"
+            )
+        if config is None:
+            return cls.from_kwargs(**kwargs)
+        if _is_number(config):
+            return cls(tau=config)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a CompreSSMConfig (or leave it out), got {config!r}")
+        return config
 
     @classmethod
     def from_kwargs(cls, schedule=None, **kwargs) -> CompreSSMConfig:

@@ -86,6 +86,7 @@ __all__ = [
     "event_log_payload",
     "jsonable",
     "read_report",
+    "reduction_event",
     "save_torch_atomic",
     "write_report",
 ]
@@ -320,6 +321,27 @@ def _config_event(event: Mapping[str, Any]) -> dict:
     if tau is not None:
         out["tau"] = float(tau)
     return out
+
+
+def reduction_event(state, cut, optimizer_state: str) -> dict:
+    """The report event of one cut: ``cut`` is a :class:`~compressm_hf.trainer.distributed_cut.TrainingCut`,
+    ``state`` the ``TrainerState``; ``cpu_time_s`` is process CPU time (all threads)."""
+    event = {
+        "kind": "reduction",
+        "step": int(state.global_step),
+        "epoch": state.epoch,
+        "sizes_before": cut.event.sizes_before,
+        "sizes_after": cut.event.sizes_after,
+        "layers_reduced": cut.event.layers_reduced,
+        "optimizer_state": optimizer_state,
+        "optimizer_counts": dict(cut.optimizer_counts),
+        "wall_time_s": cut.wall_time_s,
+        "cpu_time_s": cut.cpu_time_s,
+        "layers": cut.event.layers,
+    }
+    if cut.event.budget is not None:
+        event["budget"] = cut.event.budget
+    return event
 
 
 def event_log_payload(event: Mapping[str, Any], per_layer: bool = True) -> dict[str, float]:

@@ -11,7 +11,9 @@ The snapshot of a cut still awaiting its evaluation is saved into every checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import torch
 
@@ -25,10 +27,15 @@ from .surgery import (
     restore_training_state,
     snapshot_training_state,
 )
+from .trainer_lookup import _resume_checkpoint_on_stack
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SNAPSHOT_NAME",
+    "judge_cut",
     "load_snapshot",
+    "resume_snapshot",
     "metric_value",
     "resolve_metric",
     "restore_cut",
@@ -130,16 +137,78 @@ def rollback_event(
     }
 
 
+def judge_cut(
+    pending: dict,
+    snapshot: dict | None,
+    value: float,
+    *,
+    state,
+    model,
+    optimizer,
+    wrapped,
+    metric: str,
+    greater: bool,
+    tolerance: float,
+) -> tuple[str, dict | None]:
+    """Judge the pending cut by the metric ``value`` of an evaluation after it; ``(verdict, event)``.
+
+    ``pending``: ``{"step", "metric_before", ...}`` of the cut. The verdicts: ``"kept"`` (the metric did not drop
+    by more than ``tolerance``), ``"rolled_back"`` (it did: the ``snapshot`` was restored, ``event`` is the
+    report's rollback event) and ``"kept_without_snapshot"`` (it did, but the snapshot is gone: a warning, the
+    cut stays). Cutting stops after the last two. Every rank gets the same verdict (rank 0 decides).
+    """
+    before, cut_step = float(pending["metric_before"]), int(pending["step"])
+    if not should_roll_back(before, value, greater, tolerance, int(state.global_step)):
+        logger.info(
+            "CompreSSM pragmatic: cut at step %d kept (%s %.4g -> %.4g)", cut_step, metric, before, value
+        )
+        return "kept", None
+    if snapshot is None:
+        warnings.warn(
+            f"CompreSSM pragmatic: the cut at step {cut_step} should be rolled back ({metric} "
+            f"{before:.4g} -> {value:.4g}) but its snapshot is not available; the cut is kept, cutting stops",
+            stacklevel=4,
+        )
+        return "kept_without_snapshot", None
+    sizes = restore_cut(model, optimizer, snapshot, wrapped)
+    logger.warning(
+        "CompreSSM pragmatic: %s went %.4g -> %.4g after the cut at step %d (tolerance %g): rolled back to "
+        "sizes %s; no further cuts",
+        metric,
+        before,
+        value,
+        cut_step,
+        tolerance,
+        sizes[1],
+    )
+    return "rolled_back", rollback_event(state, cut_step, metric, greater, before, value, tolerance, sizes)
+
+
 def save_snapshot(snapshot: dict, checkpoint: str | os.PathLike) -> str:
     """Write ``snapshot`` into the checkpoint folder (atomically); the path written."""
     return save_torch_atomic(snapshot, os.path.join(os.fspath(checkpoint), SNAPSHOT_NAME))
 
 
-def load_snapshot(checkpoint: str | os.PathLike) -> dict | None:
-    """The snapshot saved in ``checkpoint`` (CPU tensors), or None when the folder has none."""
+def load_snapshot(checkpoint: str | os.PathLike, pending_step: int | None = None) -> dict | None:
+    """The snapshot saved in ``checkpoint`` (CPU tensors), or None when the folder has none (with a warning
+    when ``pending_step`` names the cut that awaited it: the cut will then be kept without comparison)."""
     path = os.path.join(os.fspath(checkpoint), SNAPSHOT_NAME)
     if not os.path.isfile(path):
+        if pending_step is not None:
+            warnings.warn(
+                f"resumed with a pragmatic cut (step {pending_step}) awaiting evaluation, but {path} is missing; "
+                "the cut will be kept without comparison",
+                stacklevel=4,
+            )
         return None
     snapshot = torch.load(path, map_location="cpu", weights_only=True)
     snapshot["sizes"] = {int(k): int(v) for k, v in snapshot["sizes"].items()}
     return snapshot
+
+
+def resume_snapshot(output_dir: str, global_step: int, pending_step: int) -> dict | None:
+    """On resume, the snapshot of the cut at ``pending_step`` still awaiting its evaluation: from the checkpoint
+    being resumed (found on the call stack), else ``output_dir/checkpoint-<global_step>``; None (with a warning:
+    the cut is then kept without comparison) when it is missing."""
+    folder = _resume_checkpoint_on_stack() or os.path.join(output_dir, f"checkpoint-{global_step}")
+    return load_snapshot(folder, pending_step=pending_step)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from compressm_hf.engine import check_state_sizes
+from compressm_hf.protocol import as_param_swap
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}"
         )
     return opt
-
-
-def _swap_fields(swap) -> tuple[torch.nn.Parameter, torch.nn.Parameter, int | None, torch.Tensor | None]:
-    # ParamSwap or any duck-typed 4-tuple (old, new, state_dim, keep) from a modeling file.
-    old, new, state_dim, keep = (
-        (swap.old, swap.new, swap.state_dim, swap.keep) if hasattr(swap, "old") else tuple(swap)
-    )
-    return old, new, state_dim, keep
 
 
 def _carry(
@@ -156,7 +149,7 @@ def transplant_optimizer_state(
     if mode not in OPTIMIZER_STATE_MODES:
         raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {mode!r}")
     opt = base_optimizer(optimizer)
-    fields = [_swap_fields(s) for s in swaps]
+    fields = [as_param_swap(s) for s in swaps]
     # Chains (a swapped twice in one event: a -> b -> c) collapse to a -> c.
     by_old: dict[int, tuple] = {}
     for old, new, state_dim, keep in fields:
