@@ -285,9 +285,10 @@ def rank_for_tau(
     scores: torch.Tensor, tau: float, *, gate: float, min_state_size: int, round_to: int
 ) -> dict:
     """What the tolerance rule does with ``tau`` on sorted ``scores``: rule rank, final rank, energy, bound."""
-    from compressm_hf import RankPolicy, apply_gate, round_rank, select_rank
+    from compressm_hf import apply_gate, round_rank, select_rank
+    from compressm_hf.settings import CompreSSMConfig
 
-    policy = RankPolicy(tau=tau, gate=gate, min_rank=min_state_size, multiple_of=round_to)
+    policy = CompreSSMConfig(tau=tau, gate=gate, min_state_size=min_state_size, round_to=round_to).policy()
     n = scores.shape[-1]
     raw = int(select_rank(scores, tau))
     rank = round_rank(min(n, max(raw, policy.min_rank)), policy.multiple_of, n)
@@ -460,7 +461,6 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from compressm_hf import RankPolicy
     from compressm_hf.engine import compress_model, record_compression
     from compressm_hf.trainer.model_card import write_model_card
     from compressm_hf.trainer.report import build_report, config_record, jsonable
@@ -479,15 +479,15 @@ def cmd_compress(args) -> int:
     source, evals = _prepare(args, model, args.model_dir, eval_blocks=args.eval_blocks)
     ppl_before = perplexity(model, evals, args.batch_size) if evals is not None else None
 
-    policy = RankPolicy(
-        tau=args.tau if args.mode == "tolerance" else 0.0,
+    policy = CompreSSMConfig(
+        tau=args.tau if args.mode == "tolerance" else None,
         mode=args.mode,
         gate=args.gate,
-        min_rank=args.min_state_size,
-        multiple_of=args.round_to,
+        min_state_size=args.min_state_size,
+        round_to=args.round_to,
         selection=args.selection,
         fixed_fraction=args.fixed_fraction,
-    )
+    ).policy()
     previous = getattr(model.config, "compression", None)
     cut = compress_model(model, policy, seed=args.seed)  # the engine of the callback (pole margin, skips)
     sizes_before, sizes_after = cut.sizes_before, cut.sizes_after

@@ -22,11 +22,12 @@ import dataclasses
 import torch
 from transformers import Trainer
 
-from compressm_hf import RankPolicy, hankel_singular_values
+from compressm_hf import hankel_singular_values
 from compressm_hf.budget import tau_for_budget
 from compressm_hf.engine import compress_model
 from compressm_hf.planning import rank_scores
 from compressm_hf.protocol import find_reducible_layers
+from compressm_hf.settings import CompreSSMConfig
 
 from ..surgery import transplant_optimizer_state
 from ._common import differentiable_lru_system, is_lru_mixer
@@ -127,9 +128,9 @@ def balanced_truncate_(
     """
     if (tau is None) == (budget is None):
         raise ValueError(f"give exactly one of tau ({tau!r}) or budget ({budget!r})")
-    policy = RankPolicy(
-        tau=0.0 if tau is None else float(tau), gate=float(gate), min_rank=int(min_state_size)
-    )
+    policy = CompreSSMConfig(
+        tau=0.0 if tau is None else tau, gate=gate, min_state_size=min_state_size
+    ).policy()
     if budget is not None:
         scores = [rank_scores(layer.lti_system()) for layer in find_reducible_layers(model)]
         policy = dataclasses.replace(policy, tau=tau_for_budget(scores, budget, policy).tau)
