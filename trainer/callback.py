@@ -55,6 +55,7 @@ from .checkpoints import (  # noqa: F401
     quarantine_incomplete_checkpoints,
 )
 from .distributed_cut import cut_in_training, set_statistics
+from .fsdp2 import is_fully_sharded
 from .health import HealthCheck, NonFiniteTrainingWarning, health_entry, skipped_event, warn_health
 from .hub import protect_hub_token
 from .peft_io import enable_compressed_adapter_saving
@@ -99,8 +100,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     Distribution: single process and DDP (``torchrun`` / ``accelerate launch --multi_gpu``, gloo on CPU
     included): rank 0 plans, every rank applies the same cut, DDP is rebuilt in place. Pass
     ``TrainingArguments(ddp_find_unused_parameters=False)`` when every parameter gets a gradient (true of the
-    models here): transformers' default makes DDP search for unused parameters at every step. FSDP and
-    DeepSpeed shard or flatten parameters and are refused (``ValueError`` when the Trainer is built).
+    models here): transformers' default makes DDP search for unused parameters at every step. FSDP2
+    (``fully_shard``; accelerate ``fsdp_version: 2``): each layer is gathered, cut and sharded again in place
+    (:mod:`.fsdp2`; not with ``mode="pragmatic"``). FSDP1 and DeepSpeed flatten parameters and are refused
+    (``ValueError`` when the Trainer is built).
 
     What is never lost: a layer whose system cannot be reduced at an attempt (NaN/Inf, unstable dynamics,
     missing statistics) is skipped with a warning and a ``"skipped"`` record; a run that diverged or learns
@@ -231,6 +234,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             if advice is not None:
                 warnings.warn(advice, ShortRunWarning, stacklevel=2)
         if self.mode == "pragmatic":
+            if is_fully_sharded(model):
+                raise ValueError(
+                    "mode='pragmatic' snapshots and restores whole parameters, which is not supported for a model "
+                    "sharded with FSDP2 yet; use mode='tolerance' or 'fixed' under FSDP2, or pragmatic mode under DDP"
+                )
             self._metric, self._greater = rollback.resolve_metric(
                 args, self._trainer, self.metric_for_pragmatic, self.greater_is_better
             )

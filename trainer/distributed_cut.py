@@ -5,7 +5,10 @@ The engine (:func:`compressm_hf.engine.compress_model`) changes the layers; what
 here: the plan is made once (rank 0, where the surrogate statistics were gathered) and broadcast, so every
 replica cuts identically; the optimizer's moments move to the new parameters
 (:func:`~.surgery.transplant_optimizer_state`, ``"slice"`` or ``"reset"``); DDP is rebuilt in place around the
-new parameters (:func:`~.surgery.rebuild_ddp_in_place_`).
+new parameters (:func:`~.surgery.rebuild_ddp_in_place_`). A model sharded with FSDP2 (``fully_shard``, e.g.
+``accelerate launch`` with ``fsdp_version: 2``) is cut by :func:`~.fsdp2.compress_fully_sharded` instead: each
+layer's parameters are gathered, rank 0 plans on the statistics of every rank, the new parameters and their
+optimizer state are sharded again in place.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from compressm_hf.engine import CompressionEvent, LayerPlans, compress_model
 from compressm_hf.protocol import find_reducible_layers
 
+from .fsdp2 import compress_fully_sharded, is_fully_sharded
 from .surgery import (
     broadcast_objects,
     distributed_rank,
@@ -76,12 +80,18 @@ def cut_in_training(
         step: names the broadcast in a timeout error.
         optimizer_state: ``"slice"`` or ``"reset"`` (see :func:`~.surgery.transplant_optimizer_state`).
         wrapped: the DDP wrapper to rebuild after the cut (``trainer.model_wrapped``; ignored when it is
-            ``model`` itself or None).
+            ``model`` itself or None, as under FSDP2, which shards the model in place).
 
     Returns:
         :class:`TrainingCut`. Surrogate statistics are switched off and reset on every layer.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
+    if is_fully_sharded(
+        model
+    ):  # FSDP2: per-layer gather, pooled statistics, re-shard; the optimizer is carried
+        sharded = compress_fully_sharded(model, optimizer, plan, optimizer_state=optimizer_state, step=step)
+        set_statistics(model, False, reset=True)
+        return TrainingCut(sharded, sharded.optimizer, time.perf_counter() - t0, time.process_time() - cpu0)
     plans = plan(find_reducible_layers(model)) if distributed_rank() == 0 else None
     if is_distributed():
         (plans,) = broadcast_objects([plans], what=f"the compression plan of step {step}")

@@ -12,7 +12,8 @@ the model diverges or learns nothing:
   did not change" would not catch it);
 * every training loss logged since the previous check is exactly 0.0 (attempts only).
 
-Rank 0 decides for every rank. :func:`health_entry` / :func:`warn_health` turn a finding into the report's
+Rank 0 decides for every rank; under FSDP2 (``DTensor`` parameters) each rank checks its own shards and the
+findings of every rank are pooled first. :func:`health_entry` / :func:`warn_health` turn a finding into the report's
 ``"health"`` entry and a loud :class:`NonFiniteTrainingWarning`; :func:`skipped_event` is the report event of
 an attempt skipped for it.
 """
@@ -58,6 +59,28 @@ def _by_device(tensors):
     return groups.values()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a ``DTensor`` (FSDP2), else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a ``DTensor`` (FSDP2: each rank holds only its shard)."""
+    return any(callable(getattr(p, "to_local", None)) for p in model.parameters())
+
+
+def _gathered(value) -> list:
+    """``value`` of every rank (``dist.all_gather_object``; one item without a process group)."""
+    if not is_distributed():
+        return [value]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def describe_names(names: list[str], limit: int = 5) -> str:
     """``"a, b, c"``, or the first ``limit`` names and ``"and k more"``."""
     shown = ", ".join(names[:limit])
@@ -72,7 +95,7 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     index = {id(p): n for n, p in named}
     bad = []
     for group in _by_device([p for _, p in named]):
-        flags = torch.stack([torch.isfinite(p.detach()).all() for p in group]).cpu().tolist()
+        flags = torch.stack([torch.isfinite(_local(p.detach())).all() for p in group]).cpu().tolist()
         bad.extend(index[id(p)] for p, ok in zip(group, flags) if not ok)
     return bad
 
@@ -81,7 +104,7 @@ def gradient_is_zero(model: torch.nn.Module) -> bool:
     """True if no trainable parameter has a gradient with a nonzero (or NaN) entry."""
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     for group in _by_device(grads):
-        if bool(torch.stack([g.detach().ne(0).any() for g in group]).any()):
+        if bool(torch.stack([_local(g.detach()).ne(0).any() for g in group]).any()):
             return False
     return True
 
@@ -99,14 +122,21 @@ class HealthCheck:
         self.zero_gradient_at: dict[int, bool] = {}
 
     def note_gradient(self, step: int, model: torch.nn.Module) -> None:
-        """Remember whether the gradient of the optimizer step ending at ``step`` is all zero."""
-        self.zero_gradient_at[int(step)] = gradient_is_zero(model)
+        """Remember whether the gradient of the optimizer step ending at ``step`` is all zero (on every rank's
+        shard, under FSDP2; every rank calls this)."""
+        zero = gradient_is_zero(model)
+        if _is_sharded(model):
+            zero = all(_gathered(zero))
+        self.zero_gradient_at[int(step)] = zero
 
     def problems(self, model: torch.nn.Module, state, at_attempt: bool) -> list[str]:
         """What says that the training diverged or learns nothing; ``[]`` if healthy (rank 0's answer)."""
         step = int(state.global_step)
         problems = []
         bad = nonfinite_parameters(model)
+        if _is_sharded(model):  # FSDP2: a NaN may sit in another rank's shard
+            found = set().union(*_gathered(bad))
+            bad = [n for n, _ in model.named_parameters() if n in found]
         if bad:
             problems.append(
                 f"non-finite values (NaN/Inf) in {len(bad)} trainable parameter(s): {describe_names(bad)}"

@@ -101,32 +101,38 @@ def resolve_trainer(bound, *, distributed: bool | None = None, max_depth: int = 
     return trainer
 
 
-def unsupported_wrapper(trainer, args) -> str | None:
-    """``"FSDP"``/``"DeepSpeed"`` if the run shards parameters (which the callback cannot resize), else None."""
-    if trainer is not None:
-        if getattr(trainer, "is_fsdp_enabled", False):
-            return "FSDP"
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            return "DeepSpeed"
-    if args is not None:
-        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
-            return "DeepSpeed"
-        if getattr(args, "fsdp", None):  # [] / "" / None when off
-            return "FSDP"
+def _fsdp_version(trainer, args) -> int | None:
+    """The FSDP version of the run (1 or 2), or None without FSDP."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) or plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1) or 1)
+    if args is not None and getattr(args, "fsdp", None):  # [] / "" / None when off
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))  # transformers' default: 2
     return None
 
 
+def unsupported_wrapper(trainer, args) -> str | None:
+    """``"FSDP1"``/``"DeepSpeed"`` if the run flattens parameters (which the callback cannot resize), else None.
+
+    FSDP2 (``fully_shard``: one ``DTensor`` per parameter) is supported (:mod:`compressm_hf.trainer.fsdp2`)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "DeepSpeed"
+    if args is not None and (getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None)):
+        return "DeepSpeed"
+    return "FSDP1" if _fsdp_version(trainer, args) == 1 else None
+
+
 def refuse_unsupported_wrapper(trainer, args) -> None:
-    """Raise ValueError (with the way out) if the run uses FSDP or DeepSpeed (see :func:`unsupported_wrapper`)."""
+    """Raise ValueError (with the way out) if the run uses FSDP1 or DeepSpeed (see :func:`unsupported_wrapper`)."""
     kind = unsupported_wrapper(trainer, args)
     if kind is None:
         return
     raise ValueError(
-        f"CompreSSMCallback cannot run under {kind}: {kind} shards/flattens the parameters and owns the "
-        "optimizer state, so the layers cannot change their state size in the middle of training. Instead: "
-        "(1) run the compression phase (the schedule window, by default the first 10% of the steps) with "
-        "DDP (torchrun --nproc_per_node N, or accelerate launch --multi_gpu) or a single process, saving a "
-        "checkpoint after the last cut; (2) continue with "
-        f"{kind}: Model.from_pretrained(checkpoint) builds the compressed shapes "
-        "(config.state_sizes), then train it without CompreSSMCallback."
+        f"CompreSSMCallback cannot run under {kind}: {kind} flattens the parameters into shared buffers and owns "
+        "the optimizer state, so one layer cannot change its state size in the middle of training. FSDP2 can: "
+        "set fsdp_config={'version': 2} (accelerate: fsdp_version: 2), or use DDP (torchrun --nproc_per_node N, "
+        "accelerate launch --multi_gpu) or a single process. To continue under "
+        f"{kind} anyway: run the compression phase (by default the first 10% of the steps) under DDP or FSDP2, "
+        "save a checkpoint after the last cut, then Model.from_pretrained(checkpoint) builds the compressed "
+        "shapes (config.state_sizes); train it on without CompreSSMCallback."
     )

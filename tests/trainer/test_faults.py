@@ -1,9 +1,10 @@
 """Numerical faults (NaN / unstable layers are skipped, the run goes on), bf16 autocast, run-to-run
-determinism, and the refusal of FSDP / DeepSpeed."""
+determinism, and the refusal of FSDP1 / DeepSpeed (FSDP2 is supported)."""
 
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import compressm_hf.engine as engine_module
 from compressm_hf.trainer import CompreSSMCallback, read_report
 from compressm_hf.trainer.callback import NonFiniteTrainingWarning
 from compressm_hf.trainer.surgery import base_optimizer
+from compressm_hf.trainer.trainer_lookup import unsupported_wrapper
 
 from .common import make_args, make_model, make_trainer
 
@@ -199,25 +201,48 @@ def plain_trainer(tmp_path):
     return trainer, cb, model
 
 
+def _fsdp_plugin(version):
+    return types.SimpleNamespace(
+        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=version))
+    )
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "name"),
     [
-        ("is_fsdp_enabled", True, "FSDP"),
+        ("is_fsdp_enabled", True, "FSDP1"),  # no plugin to say which: FSDP1, as accelerate's default
+        ("accelerator", _fsdp_plugin(1), "FSDP1"),
         ("is_deepspeed_enabled", True, "DeepSpeed"),
-        ("args.fsdp", ["full_shard"], "FSDP"),
+        ("args.fsdp", ["full_shard"], "FSDP1"),  # with fsdp_config version 1 (below)
         ("args.deepspeed", "ds_config.json", "DeepSpeed"),
     ],
 )
 @pytest.mark.parametrize("event", ["on_init_end", "on_train_begin"])
-def test_fsdp_and_deepspeed_are_refused(plain_trainer, flag, value, name, event):
+def test_fsdp1_and_deepspeed_are_refused(plain_trainer, flag, value, name, event):
     trainer, cb, model = plain_trainer
     target = trainer.args if flag.startswith("args.") else trainer
     setattr(target, flag.removeprefix("args."), value)
+    if flag == "args.fsdp":
+        trainer.args.fsdp_config = {"version": 1}
     cb.bind(trainer)
     state = TrainerState(max_steps=4)
-    with pytest.raises(ValueError, match=rf"cannot run under {name}.*DDP.*from_pretrained") as info:
+    with pytest.raises(ValueError, match=rf"cannot run under {name}.*FSDP2.*DDP.*from_pretrained") as info:
         getattr(cb, event)(trainer.args, state, TrainerControl(), model=model, optimizer=None)
-    assert "torchrun" in str(info.value)
+    assert "torchrun" in str(info.value) and "fsdp_version: 2" in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["plugin", "args", "args_default_version"])
+def test_fsdp2_is_not_refused(plain_trainer, how):
+    trainer, cb, model = plain_trainer
+    if how == "plugin":
+        trainer.accelerator = _fsdp_plugin(2)
+    else:
+        trainer.args.fsdp, trainer.args.fsdp_config = (
+            ["full_shard"],
+            ({"version": 2} if how == "args" else {}),
+        )
+    assert unsupported_wrapper(trainer, trainer.args) is None
+    cb.bind(trainer).on_init_end(trainer.args, TrainerState(max_steps=4), TrainerControl(), model=model)
 
 
 def test_plain_trainer_is_accepted(plain_trainer):
