@@ -1,12 +1,13 @@
 """``CompreSSMCallback``: CompreSSM inside ``transformers.Trainer``.
 
-At scheduled optimizer steps the callback shrinks every reducible SSM layer of the model (any
-module implementing :class:`compressm_hf.ReducibleSSM`) through :func:`compressm_hf.engine.compress_model`,
-and adds what belongs to training: the optimizer transplant and DDP agreement/rebuild
-(:mod:`.surgery`), the history in ``model.config.compression`` and ``compression_report.json``
-(:mod:`.report`), logs through ``Trainer.log``. Its other jobs live next door: finding the Trainer
-(:mod:`.trainer_lookup`), checkpoint integrity (:mod:`.checkpoints`), health checks (:mod:`.health`),
-pragmatic rollback (:mod:`.rollback`).
+At scheduled optimizer steps the callback shrinks every reducible SSM layer of the model (any module
+implementing :class:`compressm_hf.ReducibleSSM`). The file holds the class and its hooks, in the order a run
+calls them; each job it delegates lives in one module next door: the settings (:class:`~compressm_hf.
+CompreSSMConfig`), one cut inside training (:mod:`.distributed_cut`: rank 0 plans, every rank applies
+:func:`compressm_hf.engine.compress_model`, the optimizer and DDP follow; FSDP2 through :mod:`.fsdp2`), a state
+budget (:mod:`.state_budget`), finding the Trainer (:mod:`.trainer_lookup`), checkpoint integrity
+(:mod:`.checkpoints`), health checks (:mod:`.health`), pragmatic rollback (:mod:`.rollback`), what survives a
+checkpoint (:mod:`.callback_state`) and the report (:mod:`.report`). Logs go through ``Trainer.log``.
 
 Usage::
 
@@ -16,7 +17,7 @@ Usage::
 
 Lifecycle (the hooks below, in the order a run calls them)
 -----------------------------------------------------------
-``on_init_end``: refuses FSDP/DeepSpeed, quarantines half-written checkpoints.
+``on_init_end``: refuses FSDP1/DeepSpeed, quarantines half-written checkpoints.
 ``on_train_begin``: finds the Trainer (an error under DDP if it cannot), validates what needs the run
 (schedule against ``max_steps``, a reducible layer, pragmatic evaluation), restores the state on resume.
 ``on_step_begin`` / ``on_pre_optimizer_step``: statistics of selective layers before an attempt; whether the
