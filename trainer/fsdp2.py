@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from compressm_hf.engine import CompressionEvent, LayerPlans, apply_plans, check_state_sizes, plan_layers
+from compressm_hf.modeling.mamba.modeling_common import as_unsharded_class
 from compressm_hf.protocol import ParamSwap, as_param_swap, find_reducible_layers
 from compressm_hf.rank import RankPolicy
 
@@ -609,20 +610,6 @@ def compress_fully_sharded(
 # saving
 
 
-@contextmanager
-def _as_original_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``model`` seen as its own class for the time of the block (not the ``FSDP<Class>`` that
-    ``fully_shard`` made it an instance of)."""
-    cls = _fsdp_module_class()
-    fsdp_cls = type(model)
-    original = next(c for c in fsdp_cls.__mro__ if cls is None or not issubclass(c, cls))
-    model.__class__ = original
-    try:
-        yield model
-    finally:
-        model.__class__ = fsdp_cls
-
-
 def save_pretrained_fully_sharded(model: torch.nn.Module, save_directory: str, **kwargs: Any) -> dict | None:
     """``save_pretrained`` of a ``fully_shard`` model: the full state dict, written by rank 0.
 
@@ -640,7 +627,7 @@ def save_pretrained_fully_sharded(model: torch.nn.Module, save_directory: str, *
         raise TypeError("save_pretrained_fully_sharded gathers the state dict itself; do not pass state_dict")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if distributed_rank() == 0:
-        with _as_original_class(model) as plain:
+        with as_unsharded_class(model) as plain:
             plain.save_pretrained(save_directory, state_dict=state, **kwargs)
     if dist.is_initialized():
         dist.barrier()

@@ -45,7 +45,7 @@ from transformers.utils import logging
 
 from .checkpoint_keys import drop_tied_missing_keys, refuse_adapter_wrapped_checkpoint
 from .configuration_lru import LRUConfig
-from .modeling_common import ParamSwap, _checked_keep, _make_lti_system
+from .modeling_common import ParamSwap, ShardedSaveMixin, _checked_keep, _make_lti_system
 from .scan_lru import lru_scan_chunked, lru_scan_sequential
 
 logger = logging.get_logger(__name__)
@@ -506,7 +506,7 @@ class LRUBlock(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
-class LRUPreTrainedModel(PreTrainedModel):
+class LRUPreTrainedModel(ShardedSaveMixin, PreTrainedModel):
     config_class = LRUConfig
     config: LRUConfig
     base_model_prefix = "model"

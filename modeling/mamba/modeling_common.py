@@ -10,9 +10,11 @@ the standard library, so the records of ``compressm_hf.protocol`` that a mixer h
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,6 +23,7 @@ from torch import nn
 
 __all__ = [
     "Conv1dAdapterGuard",
+    "ShardedSaveMixin",
     "MissingStatisticsError",
     "NonUniformStateSizesError",
     "ParamSwap",
@@ -108,6 +111,41 @@ class ReducibleMixersMixin:
         """Switch statistics collection on or off in every layer."""
         for m in self.mixers():
             m.collect_statistics = bool(enabled)
+
+
+def unsharded_class(cls: type) -> type:
+    """The class FSDP2's ``fully_shard`` derived ``cls`` from (``FSDP<Class>`` -> ``<Class>``), else ``cls``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return cls
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+
+
+@contextlib.contextmanager
+def as_unsharded_class(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` as an instance of :func:`unsharded_class` for the time of the block (its parameters stay as
+    they are)."""
+    sharded_cls = type(module)
+    module.__class__ = unsharded_class(sharded_cls)
+    try:
+        yield module
+    finally:
+        module.__class__ = sharded_cls
+
+
+class ShardedSaveMixin:
+    """``save_pretrained`` of a model sharded in place by FSDP2 records the model's own class.
+
+    ``fully_shard`` makes the instance an ``FSDP<Class>`` built in torch's ``_fsdp_init``; ``save_pretrained`` would
+    write ``_fsdp_init.FSDP<Class>`` into the config's ``auto_map`` and copy torch's FSDP sources next to the weights,
+    so the folder would not load with ``trust_remote_code``. transformers' Trainer saves this way under FSDP2 with a
+    full state dict (``save_pretrained(state_dict=...)`` on ``self.model``, the sharded instance).
+    """
+
+    def save_pretrained(self, *args, **kwargs):
+        with as_unsharded_class(self):
+            return super().save_pretrained(*args, **kwargs)
 
 
 def _is_plain(module: nn.Module, cls: type) -> bool:

@@ -46,6 +46,7 @@ from .modeling_common import (
     NonUniformStateSizesError,
     ParamSwap,
     ReducibleMixersMixin,
+    ShardedSaveMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
     _checked_keep,
@@ -569,7 +570,7 @@ class CompreSSMMambaBlock(MambaBlock):
         self.mixer = CompreSSMMambaMixer(config, layer_idx=layer_idx)
 
 
-class CompreSSMMambaPreTrainedModel(MambaPreTrainedModel):
+class CompreSSMMambaPreTrainedModel(ShardedSaveMixin, MambaPreTrainedModel):
     """Base class: weight init of transformers' Mamba, config class :class:`CompreSSMMambaConfig`."""
 
     config_class = CompreSSMMambaConfig

@@ -42,6 +42,7 @@ from .modeling_common import (
     NonUniformStateSizesError,
     ParamSwap,
     ReducibleMixersMixin,
+    ShardedSaveMixin,
     UnsupportedAdapterError,
     _accept_both_cache_names,
     _checked_keep,
@@ -513,7 +514,7 @@ class CompreSSMMamba2Block(Mamba2Block):
         self.mixer = CompreSSMMamba2Mixer(config, layer_idx=layer_idx)
 
 
-class CompreSSMMamba2PreTrainedModel(Mamba2PreTrainedModel):
+class CompreSSMMamba2PreTrainedModel(ShardedSaveMixin, Mamba2PreTrainedModel):
     """Base class: weight init of transformers' Mamba-2, config class :class:`CompreSSMMamba2Config`."""
 
     config_class = CompreSSMMamba2Config
