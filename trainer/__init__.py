@@ -35,6 +35,9 @@ __all__ = [
     "protect_hub_token",
     "read_report",
     "rebuild_ddp_in_place_",
+    "resize_to_checkpoint",
+    "save_pretrained_fully_sharded",
+    "saved_state_sizes",
     "transplant_optimizer_state",
     "write_report",
 ]
@@ -46,6 +49,9 @@ _LAZY = {
     "NonFiniteTrainingWarning": "callback",
     "find_trainer": "callback",
     "protect_hub_token": "hub",
+    "resize_to_checkpoint": "resume",
+    "saved_state_sizes": "resume",
+    "save_pretrained_fully_sharded": "fsdp2",
 }
 
 
@@ -57,4 +63,6 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callback import CompreSSMCallback, NonFiniteTrainingWarning, find_trainer
+    from .fsdp2 import save_pretrained_fully_sharded
     from .hub import protect_hub_token
+    from .resume import resize_to_checkpoint, saved_state_sizes
