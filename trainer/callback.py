@@ -56,11 +56,11 @@ from .checkpoints import (  # noqa: F401
     quarantine_incomplete_checkpoints,
 )
 from .distributed_cut import cut_in_training, set_statistics
-from .fsdp2 import is_fully_sharded
 from .health import HealthCheck, NonFiniteTrainingWarning, health_entry, skipped_event, warn_health
 from .hub import protect_hub_token
 from .peft_io import enable_compressed_adapter_saving
 from .report import build_report, config_record, event_log_payload, jsonable, reduction_event, write_report
+from .resume import resize_for_fsdp2_resume
 from .rollback import SNAPSHOT_NAME  # noqa: F401
 from .schedule import CompressionSchedule, ShortRunWarning  # noqa: F401
 from .state_budget import budget_total, plan_attempt
@@ -201,9 +201,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ events
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         trainer = self._trainer if self._bound else find_trainer()
         refuse_unsupported_wrapper(trainer, args)
+        resize_for_fsdp2_resume(trainer, args, model, report_name=self.report_name)  # before FSDP2 shards it
         protect_hub_token(args)  # before the Trainer pickles args into any training_args.bin
         # transformers drops ddp_timeout on CPU (gloo): make it bound every collective, DDP's own included
         apply_ddp_timeout(getattr(args, "ddp_timeout", None))
@@ -235,13 +236,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             if advice is not None:
                 warnings.warn(advice, ShortRunWarning, stacklevel=2)
         if self.mode == "pragmatic":
-            if is_fully_sharded(model):
-                raise ValueError(
-                    "mode='pragmatic' snapshots and restores whole parameters, which is not supported for a model "
-                    "sharded with FSDP2 yet; use mode='tolerance' or 'fixed' under FSDP2, or pragmatic mode under DDP"
-                )
             self._metric, self._greater = rollback.resolve_metric(
-                args, self._trainer, self.metric_for_pragmatic, self.greater_is_better
+                args, self._trainer, self.metric_for_pragmatic, self.greater_is_better, model=model
             )
         restore_or_reset(self, state)
         self._snapshot, self._awaiting_eval = None, None
@@ -260,9 +256,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 f"({self.history[-1]['sizes_after']}); was the checkpoint loaded into the model?",
                 stacklevel=2,
             )
-        if (
-            self.pending is not None
-        ):  # resumed with a cut awaiting its evaluation: its snapshot, or keep the cut
+        if self.pending is not None:  # resumed with a cut awaiting evaluation: its snapshot, or keep the cut
             self._snapshot = rollback.resume_snapshot(
                 args.output_dir, state.global_step, self.pending["step"]
             )

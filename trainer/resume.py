@@ -20,6 +20,7 @@ overwritten by the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -30,8 +31,11 @@ from compressm_hf.protocol import require_reducible_layers
 
 from .fsdp2 import is_fully_sharded
 from .report import REPORT_NAME, read_report
+from .trainer_lookup import fsdp_version
 
-__all__ = ["resize_to_checkpoint", "saved_state_sizes"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["resize_for_fsdp2_resume", "resize_to_checkpoint", "saved_state_sizes"]
 
 CONFIG_NAME = "config.json"
 
@@ -161,3 +165,22 @@ def _check_not_larger(layers: Sequence[torch.nn.Module], saved: Sequence[int], f
             f"{folder!r} holds larger state sizes than the model ({listed}): cuts only shrink layers, so build the "
             "model at its original size (or this is a checkpoint of another model)"
         )
+
+
+def resize_for_fsdp2_resume(trainer, args, model, *, report_name: str = REPORT_NAME) -> list[int] | None:
+    """At ``Trainer.__init__`` (the callback's ``on_init_end``): when the run will shard ``model`` with FSDP2 and
+    ``args.resume_from_checkpoint`` names a checkpoint folder (as ``compressm-train --resume_from_checkpoint`` and
+    transformers' example scripts set it), :func:`resize_to_checkpoint` now, before ``trainer.train`` shards the
+    model. Returns the sizes, or None when there is nothing to do (no FSDP2, no folder named, or the model is
+    sharded already, e.g. by ``from_pretrained``). ``trainer.train(resume_from_checkpoint=True)`` names no folder
+    here: call :func:`resize_to_checkpoint` yourself then (see the module docstring)."""
+    folder = getattr(args, "resume_from_checkpoint", None)
+    if model is None or fsdp_version(trainer, args) != 2 or not isinstance(folder, (str, os.PathLike)):
+        return None
+    if not os.path.isdir(folder) or is_fully_sharded(model):
+        return None
+    sizes = resize_to_checkpoint(model, folder, report_name=report_name)
+    logger.info(
+        "CompreSSM: state sizes %s of the checkpoint to resume, set before FSDP2 shards the model", sizes
+    )
+    return sizes

@@ -20,6 +20,7 @@ import torch
 from compressm_hf.engine import check_state_sizes
 from compressm_hf.protocol import find_reducible_layers
 
+from .fsdp2 import is_fully_sharded
 from .report import save_torch_atomic
 from .surgery import (
     broadcast_objects,
@@ -48,7 +49,9 @@ __all__ = [
 SNAPSHOT_NAME = "compressm_pragmatic_snapshot.pt"
 
 
-def resolve_metric(args, trainer, metric: str | None, greater_is_better: bool | None) -> tuple[str, bool]:
+def resolve_metric(
+    args, trainer, metric: str | None, greater_is_better: bool | None, model=None
+) -> tuple[str, bool]:
     """``(metric name with the eval_ prefix, greater is better)`` of a pragmatic run; check it can evaluate.
 
     The metric: ``metric`` (the callback's ``metric_for_pragmatic``), else ``args.metric_for_best_model``, else
@@ -56,8 +59,14 @@ def resolve_metric(args, trainer, metric: str | None, greater_is_better: bool | 
     metric is ``args.metric_for_best_model``; else False for names ending in ``loss``/``perplexity``/``error``.
 
     Raises:
-        ValueError: no evaluation strategy, no Trainer found, or no ``eval_dataset`` on it.
+        ValueError: no evaluation strategy, no Trainer found, no ``eval_dataset`` on it, or a ``model`` sharded
+            with FSDP2 (the snapshot and the restore work on whole parameters).
     """
+    if model is not None and is_fully_sharded(model):
+        raise ValueError(
+            "mode='pragmatic' snapshots and restores whole parameters, which is not supported for a model sharded "
+            "with FSDP2 yet; use mode='tolerance' or 'fixed' under FSDP2, or pragmatic mode under DDP"
+        )
     strategy = getattr(args, "eval_strategy", None)
     if strategy is None or str(getattr(strategy, "value", strategy)) == "no":
         raise ValueError(

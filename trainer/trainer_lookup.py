@@ -23,6 +23,7 @@ import os
 __all__ = [
     "TrainerNotFoundError",
     "find_trainer",
+    "fsdp_version",
     "refuse_unsupported_wrapper",
     "resolve_trainer",
     "unsupported_wrapper",
@@ -101,7 +102,7 @@ def resolve_trainer(bound, *, distributed: bool | None = None, max_depth: int = 
     return trainer
 
 
-def _fsdp_version(trainer, args) -> int | None:
+def fsdp_version(trainer, args) -> int | None:
     """The FSDP version of the run (1 or 2), or None without FSDP."""
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
     if getattr(trainer, "is_fsdp_enabled", False) or plugin is not None:
@@ -119,7 +120,7 @@ def unsupported_wrapper(trainer, args) -> str | None:
         return "DeepSpeed"
     if args is not None and (getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None)):
         return "DeepSpeed"
-    return "FSDP1" if _fsdp_version(trainer, args) == 1 else None
+    return "FSDP1" if fsdp_version(trainer, args) == 1 else None
 
 
 def refuse_unsupported_wrapper(trainer, args) -> None:

@@ -7,6 +7,7 @@ The FSDP2 resume itself (resize, ``fully_shard``, ``torch.distributed.checkpoint
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -166,3 +167,36 @@ def test_refuses_a_sharded_model_and_a_model_without_layers(tmp_path, monkeypatc
     monkeypatch.setattr(resume, "is_fully_sharded", lambda model: True)
     with pytest.raises(ValueError, match="already fully_shard-ed.*before fully_shard"):
         resize_to_checkpoint(_lru(), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the callback at init
+
+
+def _fsdp2_trainer(version):
+    plugin = types.SimpleNamespace(fsdp_version=version)
+    return types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin))
+    )
+
+
+@pytest.mark.parametrize(("version", "resized"), [(2, True), (1, False), (None, False)])
+def test_the_callback_resizes_for_an_fsdp2_resume_when_the_trainer_is_built(tmp_path, version, resized):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from compressm_hf.trainer import CompreSSMCallback
+
+    _report(tmp_path / "checkpoint-3", [10, 9])
+    model = _lru()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-3")
+    trainer = _fsdp2_trainer(version) if version else types.SimpleNamespace()
+    assert resume.resize_for_fsdp2_resume(trainer, args, None) is None
+    if version == 1:  # FSDP1 is refused before anything is resized
+        with pytest.raises(ValueError, match="cannot run under FSDP1"):
+            CompreSSMCallback().bind(trainer).on_init_end(args, TrainerState(), TrainerControl(), model=model)
+    else:
+        CompreSSMCallback().bind(trainer).on_init_end(args, TrainerState(), TrainerControl(), model=model)
+    sizes = [int(layer.state_size) for layer in find_reducible_layers(model)]
+    assert sizes == ([10, 9] if resized else [12, 12]) and model.config.state_sizes == sizes
+    args.resume_from_checkpoint = True  # names no folder: nothing to do at init (the README's recipe then)
+    assert resume.resize_for_fsdp2_resume(_fsdp2_trainer(2), args, _lru()) is None
