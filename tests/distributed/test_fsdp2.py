@@ -10,13 +10,11 @@ Mamba-2 (grouped modal), each with two cuts (``tests/distributed/fsdp2_train.py`
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
-import subprocess
 
 import pytest
 import torch
-from test_ddp_training import BIN, HERE, ROOT, _env, _free_port
+from test_ddp_training import HERE
+from torchrun_runs import launch_runs
 
 pytestmark = pytest.mark.distributed
 
@@ -42,24 +40,6 @@ RUNS = {
 RTOL, ATOL = 1e-3, 1e-4
 
 
-def _launch(tmp) -> dict:
-    """``torchrun --nproc_per_node 2 fsdp2_train.py`` over every run; ``name -> [rank 0 result, rank 1 result]``."""
-    configs = [{"name": name, "out": str(tmp / name), **cfg} for name, cfg in RUNS.items()]
-    spec = tmp / "runs.json"
-    spec.write_text(json.dumps(configs))
-    exe = shutil.which("torchrun", path=str(BIN)) or "torchrun"
-    cmd = [exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    proc = subprocess.run(
-        [*cmd, str(SCRIPT), str(spec)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return {
-        name: [torch.load(tmp / name / f"result_rank{r}.pt", weights_only=False) for r in (0, 1)]
-        for name in RUNS
-    }
-
-
 def _driver():
     spec = importlib.util.spec_from_file_location("compressm_fsdp2_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -70,7 +50,7 @@ def _driver():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp2")
-    results = _launch(tmp)
+    results = launch_runs(SCRIPT, RUNS, tmp)
     driver = _driver()
     references = {name: driver.run(dict(cfg)) for name, cfg in RUNS.items()}
     return tmp, results, references

@@ -11,12 +11,11 @@ whose rank 1 holds a NaN in its own shard at the first attempt, and ``mode="prag
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 import torch
-from test_ddp_training import BIN, HERE, ROOT, _env, _free_port
+from test_ddp_training import HERE
+from torchrun_runs import launch_runs
 
 pytestmark = pytest.mark.distributed
 
@@ -53,20 +52,7 @@ LOG_KEY = "compressm/mean_state_size"
 def runs(tmp_path_factory):
     """``(folder, {name: [rank 0 result, rank 1 result]})`` of one torchrun launch over every run."""
     tmp = tmp_path_factory.mktemp("fsdp2_callback")
-    configs = [{"name": name, "out": str(tmp / name), **cfg} for name, cfg in RUNS.items()]
-    spec = tmp / "runs.json"
-    spec.write_text(json.dumps(configs))
-    exe = shutil.which("torchrun", path=str(BIN)) or "torchrun"
-    cmd = [exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    proc = subprocess.run(
-        [*cmd, str(SCRIPT), str(spec)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    results = {
-        name: [torch.load(tmp / name / f"result_rank{r}.pt", weights_only=False) for r in (0, 1)]
-        for name in RUNS
-    }
+    results = launch_runs(SCRIPT, RUNS, tmp)
     return tmp, results
 
 
