@@ -55,7 +55,7 @@ from .checkpoints import (  # noqa: F401
     last_complete_checkpoint,
     quarantine_incomplete_checkpoints,
 )
-from .distributed_cut import cut_in_training, set_statistics
+from .distributed_cut import cut_in_training
 from .health import HealthCheck, NonFiniteTrainingWarning, health_entry, skipped_event, warn_health
 from .hub import protect_hub_token
 from .peft_io import enable_compressed_adapter_saving
@@ -64,6 +64,7 @@ from .resume import resize_for_fsdp2_resume
 from .rollback import SNAPSHOT_NAME  # noqa: F401
 from .schedule import CompressionSchedule, ShortRunWarning  # noqa: F401
 from .state_budget import budget_total, plan_attempt
+from .statistics import set_statistics
 from .surgery import apply_ddp_timeout, distributed_barrier, is_distributed
 from .trainer_lookup import (  # noqa: F401
     _resume_checkpoint_on_stack,

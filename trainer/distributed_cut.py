@@ -2,10 +2,10 @@
 distributed wrapper follow.
 
 The engine (:func:`compressm_hf.engine.compress_model`) changes the layers; what a running training adds is
-here: the plan is made once (rank 0, where the surrogate statistics were gathered) and broadcast, so every
-replica cuts identically; the optimizer's moments move to the new parameters
-(:func:`~.surgery.transplant_optimizer_state`, ``"slice"`` or ``"reset"``); DDP is rebuilt in place around the
-new parameters (:func:`~.surgery.rebuild_ddp_in_place_`). A model sharded with FSDP2 (``fully_shard``, e.g.
+here: the surrogate statistics of selective layers are summed over the ranks (:mod:`.statistics`), the plan
+is made once (rank 0) and broadcast, so every replica cuts identically; the optimizer's moments move to the new
+parameters (:func:`~.surgery.transplant_optimizer_state`, ``"slice"`` or ``"reset"``); DDP is rebuilt in place around
+the new parameters (:func:`~.surgery.rebuild_ddp_in_place_`). A model sharded with FSDP2 (``fully_shard``, e.g.
 ``accelerate launch`` with ``fsdp_version: 2``) is cut by :func:`~.fsdp2.compress_fully_sharded` instead: each
 layer's parameters are gathered, rank 0 plans on the statistics of every rank, the new parameters and their
 optimizer state are sharded again in place.
@@ -23,6 +23,7 @@ from compressm_hf.engine import CompressionEvent, LayerPlans, compress_model
 from compressm_hf.protocol import find_reducible_layers
 
 from .fsdp2 import compress_fully_sharded, is_fully_sharded
+from .statistics import pool_statistics_, set_statistics
 from .surgery import (
     broadcast_objects,
     distributed_rank,
@@ -31,16 +32,7 @@ from .surgery import (
     transplant_optimizer_state,
 )
 
-__all__ = ["TrainingCut", "cut_in_training", "set_statistics"]
-
-
-def set_statistics(model: torch.nn.Module, enabled: bool, reset: bool = False) -> None:
-    """Switch surrogate-statistics collection of selective layers (those that have it) on or off."""
-    for layer in find_reducible_layers(model):
-        if hasattr(layer, "collect_statistics"):
-            layer.collect_statistics = bool(enabled)
-            if reset and callable(getattr(layer, "reset_statistics", None)):
-                layer.reset_statistics()
+__all__ = ["TrainingCut", "cut_in_training"]
 
 
 @dataclass
@@ -92,7 +84,9 @@ def cut_in_training(
         sharded = compress_fully_sharded(model, optimizer, plan, optimizer_state=optimizer_state, step=step)
         set_statistics(model, False, reset=True)
         return TrainingCut(sharded, sharded.optimizer, time.perf_counter() - t0, time.process_time() - cpu0)
-    plans = plan(find_reducible_layers(model)) if distributed_rank() == 0 else None
+    layers = find_reducible_layers(model)
+    pool_statistics_(layers)  # rank 0 plans from the tokens of every rank
+    plans = plan(layers) if distributed_rank() == 0 else None
     if is_distributed():
         (plans,) = broadcast_objects([plans], what=f"the compression plan of step {step}")
     set_statistics(model, False, reset=True)

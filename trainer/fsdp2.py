@@ -44,6 +44,7 @@ from compressm_hf.modeling.mamba.modeling_common import as_unsharded_class
 from compressm_hf.protocol import ParamSwap, as_param_swap, find_reducible_layers
 from compressm_hf.rank import RankPolicy
 
+from .statistics import pooled_statistics
 from .surgery import (
     OPTIMIZER_STATE_MODES,
     base_optimizer,
@@ -289,62 +290,6 @@ def _full_parameters(layer: torch.nn.Module, sharded: dict[int, _Sharded]) -> It
 
 # --------------------------------------------------------------------------------------------
 # statistics
-
-
-def _statistics(layer: torch.nn.Module) -> dict | None:
-    stats = getattr(layer, "_stats", None)
-    if stats is not None and not isinstance(stats, dict):
-        raise TypeError(
-            f"{type(layer).__name__} (layer {layer.layer_idx}): _stats must be a dict of tensors and numbers or "
-            f"None, got {type(stats).__name__}"
-        )
-    return stats
-
-
-def pooled_statistics(layers: Sequence[torch.nn.Module]) -> dict[int, dict | None]:
-    """Every selective layer's surrogate statistics summed over the ranks (``layer_idx -> dict``).
-
-    The layers keep their own (local) statistics; these sums are what rank 0 plans with. The statistics are
-    sums over tokens (``tokens`` and ``batches`` included), so summing them pools every rank's tokens.
-    Tensors are summed in their own dtype (float64 for the accumulators); numbers as float64 and given back
-    with their type. A layer without statistics on every rank maps to ``None``.
-
-    Raises:
-        RuntimeError: the ranks hold statistics of other keys or shapes for a layer (or only some of them do).
-    """
-    local = {int(layer.layer_idx): _statistics(layer) for layer in layers}
-    signature = {
-        idx: None
-        if s is None
-        else sorted((k, tuple(v.shape) if torch.is_tensor(v) else "number") for k, v in s.items())
-        for idx, s in local.items()
-    }
-    if not dist.is_initialized():
-        return {idx: None if s is None else dict(s) for idx, s in local.items()}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, signature)
-    if any(other != signature for other in every):
-        raise RuntimeError(
-            f"the ranks hold different surrogate statistics (layer -> keys and shapes per rank: {every}); every "
-            "rank must collect statistics over the same steps before a cut"
-        )
-    pooled: dict[int, dict | None] = {}
-    for idx, s in local.items():
-        if s is None:
-            pooled[idx] = None
-            continue
-        out = {}
-        for key in sorted(s):
-            value = s[key]
-            summed = (
-                value.detach().clone()
-                if torch.is_tensor(value)
-                else torch.tensor(float(value), dtype=torch.float64)
-            )
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-            out[key] = summed if torch.is_tensor(value) else type(value)(summed.item())
-        pooled[idx] = out
-    return pooled
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ from compressm_hf.modeling.mamba.modeling_common import ParamSwap as CopiedParam
 from compressm_hf.protocol import ParamSwap, as_param_swap, require_reducible_layers
 from compressm_hf.trainer import CompreSSMCallback
 from compressm_hf.trainer.callback_state import EXPORTED_ATTRIBUTES, export_state, restore_or_reset
-from compressm_hf.trainer.distributed_cut import cut_in_training, set_statistics
+from compressm_hf.trainer.distributed_cut import cut_in_training
 from compressm_hf.trainer.report import reduction_event
 from compressm_hf.trainer.rollback import judge_cut, resume_snapshot, save_snapshot, snapshot_training_state
 from compressm_hf.trainer.state_budget import budget_total, plan_attempt
+from compressm_hf.trainer.statistics import set_statistics
 
 from .common import make_model, optimizer_state_by_name
 
