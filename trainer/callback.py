@@ -205,7 +205,6 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         trainer = self._trainer if self._bound else find_trainer()
         refuse_unsupported_wrapper(trainer, args)
-        resize_for_fsdp2_resume(trainer, args, model, report_name=self.report_name)  # before FSDP2 shards it
         protect_hub_token(args)  # before the Trainer pickles args into any training_args.bin
         # transformers drops ddp_timeout on CPU (gloo): make it bound every collective, DDP's own included
         apply_ddp_timeout(getattr(args, "ddp_timeout", None))
@@ -219,6 +218,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 )
             if is_distributed():  # every rank must see the same checkpoint list before train()
                 distributed_barrier("the checkpoint-list barrier of on_init_end")
+        resize_for_fsdp2_resume(trainer, args, model, report_name=self.report_name)  # before FSDP2 shards it
         return control
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

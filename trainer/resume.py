@@ -29,6 +29,7 @@ import torch
 from compressm_hf.engine import check_state_sizes
 from compressm_hf.protocol import require_reducible_layers
 
+from .checkpoints import is_complete_checkpoint
 from .fsdp2 import is_fully_sharded
 from .report import REPORT_NAME, read_report
 from .trainer_lookup import fsdp_version
@@ -171,13 +172,15 @@ def resize_for_fsdp2_resume(trainer, args, model, *, report_name: str = REPORT_N
     """At ``Trainer.__init__`` (the callback's ``on_init_end``): when the run will shard ``model`` with FSDP2 and
     ``args.resume_from_checkpoint`` names a checkpoint folder (as ``compressm-train --resume_from_checkpoint`` and
     transformers' example scripts set it), :func:`resize_to_checkpoint` now, before ``trainer.train`` shards the
-    model. Returns the sizes, or None when there is nothing to do (no FSDP2, no folder named, or the model is
-    sharded already, e.g. by ``from_pretrained``). ``trainer.train(resume_from_checkpoint=True)`` names no folder
+    model. Returns the sizes, or None when there is nothing to do (no FSDP2, no complete checkpoint named, or the
+    model is sharded already, e.g. by ``from_pretrained``). ``trainer.train(resume_from_checkpoint=True)`` names no folder
     here: call :func:`resize_to_checkpoint` yourself then (see the module docstring)."""
     folder = getattr(args, "resume_from_checkpoint", None)
     if model is None or fsdp_version(trainer, args) != 2 or not isinstance(folder, (str, os.PathLike)):
         return None
-    if not os.path.isdir(folder) or is_fully_sharded(model):
+    if not is_complete_checkpoint(folder) or is_fully_sharded(
+        model
+    ):  # set aside, or missing: nothing to load
         return None
     sizes = resize_to_checkpoint(model, folder, report_name=report_name)
     logger.info(

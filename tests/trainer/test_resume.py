@@ -185,7 +185,13 @@ def test_the_callback_resizes_for_an_fsdp2_resume_when_the_trainer_is_built(tmp_
 
     from compressm_hf.trainer import CompreSSMCallback
 
-    _report(tmp_path / "checkpoint-3", [10, 9])
+    folder = tmp_path / "checkpoint-3"
+    _report(folder, [10, 9])
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": 3})
+    )  # a complete (sharded) checkpoint
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    _report(tmp_path / "checkpoint-5", [4, 4])  # half written (no trainer_state.json): set aside, never used
     model = _lru()
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     args.resume_from_checkpoint = str(tmp_path / "checkpoint-3")
@@ -195,8 +201,13 @@ def test_the_callback_resizes_for_an_fsdp2_resume_when_the_trainer_is_built(tmp_
         with pytest.raises(ValueError, match="cannot run under FSDP1"):
             CompreSSMCallback().bind(trainer).on_init_end(args, TrainerState(), TrainerControl(), model=model)
     else:
-        CompreSSMCallback().bind(trainer).on_init_end(args, TrainerState(), TrainerControl(), model=model)
+        with pytest.warns(UserWarning, match="checkpoint-5 is an incomplete checkpoint"):
+            CompreSSMCallback().bind(trainer).on_init_end(args, TrainerState(), TrainerControl(), model=model)
+        assert (tmp_path / "checkpoint-5.incomplete").is_dir()
     sizes = [int(layer.state_size) for layer in find_reducible_layers(model)]
     assert sizes == ([10, 9] if resized else [12, 12]) and model.config.state_sizes == sizes
+    _report(tmp_path / "checkpoint-7", [4, 4])  # half written, not set aside (yet): nothing to resize from
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-7")
+    assert resume.resize_for_fsdp2_resume(_fsdp2_trainer(2), args, _lru()) is None
     args.resume_from_checkpoint = True  # names no folder: nothing to do at init (the README's recipe then)
     assert resume.resize_for_fsdp2_resume(_fsdp2_trainer(2), args, _lru()) is None
