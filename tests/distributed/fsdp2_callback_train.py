@@ -27,7 +27,6 @@ run itself is not broken by it; the other rank's shards stay finite.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
 
 from ddp_train import build_model  # noqa: E402
 from fsdp2_train import full_parameters, rank_world, shard  # noqa: E402
+from fsdp2_train import main as run_all  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
 from compressm_hf import find_reducible_layers  # noqa: E402
@@ -230,19 +230,11 @@ def run(cfg: dict) -> dict:
     return result
 
 
-def main(argv: list[str]) -> None:
-    spec = argv[0]
-    runs = json.loads(Path(spec).read_text() if os.path.isfile(spec) else spec)
-    torch.distributed.init_process_group("gloo")
-    try:
-        for cfg in runs:
-            Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-            result = run(cfg)
-            torch.save(result, os.path.join(cfg["out"], f"result_rank{result['rank']}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def run_and_save(cfg: dict) -> None:
+    result = run(cfg)
+    torch.save(result, os.path.join(cfg["out"], f"result_rank{result['rank']}.pt"))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1:])
+    run_all(sys.argv[1:], run_and_save)

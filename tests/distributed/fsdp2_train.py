@@ -192,14 +192,16 @@ def run(cfg: dict) -> dict:
     return result
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], run_one=None) -> None:
+    """Run every configuration of ``argv[0]`` (a JSON file or string) in one gloo process group with ``run_one``
+    (default :func:`run`, which saves its own result)."""
     spec = argv[0]
     runs = json.loads(Path(spec).read_text() if os.path.isfile(spec) else spec)
     torch.distributed.init_process_group("gloo")
     try:
         for cfg in runs:
             Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-            run(cfg)
+            (run_one or run)(cfg)
     finally:
         torch.distributed.destroy_process_group()
 

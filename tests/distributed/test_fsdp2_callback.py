@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from test_ddp_training import HERE
-from torchrun_runs import launch_runs
+from torchrun_runs import assert_reloads, launch_runs
 
 pytestmark = pytest.mark.distributed
 
@@ -135,22 +135,11 @@ def test_logged_and_reported_by_rank_zero(runs, name):
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_saved_model_loads_at_compressed_sizes(runs, name):
-    from transformers import AutoModelForCausalLM
-
-    import compressm_hf  # noqa: F401  (registers the models with the Auto classes)
-
     tmp, results = runs
     r0 = results[name][0]
-    model = AutoModelForCausalLM.from_pretrained(tmp / name / "model")
-    assert list(model.config.state_sizes) == r0["sizes"]
-    assert model.config.compression["events"] == r0["config_compression"]["events"]
-    state = model.state_dict()
-    for key, value in r0["params"].items():
-        assert torch.equal(state[key], value), key
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=r0["probe"]).logits
-    torch.testing.assert_close(logits, r0["logits"], rtol=1e-5, atol=1e-6)
+    config = json.loads((tmp / name / "model" / "config.json").read_text())
+    assert config["compression"]["events"] == r0["config_compression"]["events"]
+    assert_reloads(tmp / name / "model", r0)
 
 
 def test_checkpoint_holds_the_report_of_its_step(runs):

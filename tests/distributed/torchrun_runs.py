@@ -33,3 +33,21 @@ def launch_runs(script: Path, runs: dict[str, dict], tmp: Path, timeout: int = 3
         name: [torch.load(tmp / name / f"result_rank{r}.pt", weights_only=False) for r in (0, 1)]
         for name in runs
     }
+
+
+def assert_reloads(folder: Path, result: dict) -> None:
+    """The model saved in ``folder`` loads with ``from_pretrained`` at ``result["sizes"]`` with exactly the
+    parameters ``result["params"]`` and the logits ``result["logits"]`` on ``result["probe"]``."""
+    from transformers import AutoModelForCausalLM
+
+    import compressm_hf  # noqa: F401  (registers the models with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert list(model.config.state_sizes) == result["sizes"]
+    state = model.state_dict()
+    for key, value in result["params"].items():
+        assert torch.equal(state[key], value), key
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=result["probe"]).logits
+    torch.testing.assert_close(logits, result["logits"], rtol=1e-5, atol=1e-6)
