@@ -25,9 +25,7 @@ from compressm_hf.protocol import find_reducible_layers
 from .fsdp2 import compress_fully_sharded, is_fully_sharded
 from .statistics import pool_statistics_, set_statistics
 from .surgery import (
-    broadcast_objects,
-    distributed_rank,
-    is_distributed,
+    decided_on_rank0,
     rebuild_ddp_in_place_,
     transplant_optimizer_state,
 )
@@ -86,9 +84,7 @@ def cut_in_training(
         return TrainingCut(sharded, sharded.optimizer, time.perf_counter() - t0, time.process_time() - cpu0)
     layers = find_reducible_layers(model)
     pool_statistics_(layers)  # rank 0 plans from the tokens of every rank
-    plans = plan(layers) if distributed_rank() == 0 else None
-    if is_distributed():
-        (plans,) = broadcast_objects([plans], what=f"the compression plan of step {step}")
+    plans = decided_on_rank0(lambda: plan(layers), f"the compression plan of step {step}")
     set_statistics(model, False, reset=True)
     event = compress_model(model, plans=plans)
     counts = {}

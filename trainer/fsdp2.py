@@ -49,6 +49,7 @@ from .surgery import (
     OPTIMIZER_STATE_MODES,
     base_optimizer,
     broadcast_objects,
+    decided_on_rank0,
     distributed_rank,
     transplant_optimizer_state,
 )
@@ -326,13 +327,6 @@ def _system_of(layer: torch.nn.Module, stats: dict | None) -> _PlannedLayer:
             layer._stats = local
 
 
-@dataclass
-class _PlanningFailed:
-    """Sent instead of the plans when rank 0's planner raised (so that no rank waits for a broadcast)."""
-
-    reason: str
-
-
 def _as_layer_plans(decided: Any) -> LayerPlans:
     if isinstance(decided, LayerPlans):
         return decided
@@ -352,37 +346,27 @@ def _decide(
     target_total: int | None,
 ) -> LayerPlans:
     """Rank 0's :class:`LayerPlans`, on every rank (planned on rank 0 when ``plans`` is a planner)."""
-    what = f"CompreSSM FSDP2 plan broadcast (step {step})"
+    what = f"the CompreSSM FSDP2 plan of step {step}"
     if isinstance(plans, (LayerPlans, Mapping)):
-        decided = _as_layer_plans(plans)
-    elif isinstance(plans, RankPolicy) or callable(plans):
+        return broadcast_objects([_as_layer_plans(plans)], what=what)[0]
+    if isinstance(plans, RankPolicy) or callable(plans):
         pooled = pooled_statistics(layers)
         views = []
         for layer in layers:
             with _full_parameters(layer, sharded):
                 if distributed_rank() == 0:
                     views.append(_system_of(layer, pooled[int(layer.layer_idx)]))
-        decided = None
-        if distributed_rank() == 0:
-            try:
-                if isinstance(plans, RankPolicy):
-                    decided = plan_layers(views, plans, seed=seed, step=step, target_total=target_total)
-                else:
-                    decided = _as_layer_plans(plans(views))
-            except Exception as exc:  # the other ranks wait in the broadcast: tell them, then raise here too
-                broadcast_objects([_PlanningFailed(f"{type(exc).__name__}: {exc}")], what=what)
-                raise
-    else:
-        raise TypeError(
-            "plans must be a LayerPlans, a {layer_idx: ReductionPlan} mapping, a RankPolicy or a callable "
-            f"(layers -> LayerPlans) run on rank 0, got {type(plans).__name__}"
-        )
-    decided = broadcast_objects([decided], what=what)[0]
-    if isinstance(decided, _PlanningFailed):
-        raise RuntimeError(
-            f"CompreSSM step {step}: planning failed on rank 0 ({decided.reason}); nothing was changed"
-        )
-    return decided
+
+        def decide() -> LayerPlans:
+            if isinstance(plans, RankPolicy):
+                return plan_layers(views, plans, seed=seed, step=step, target_total=target_total)
+            return _as_layer_plans(plans(views))
+
+        return decided_on_rank0(decide, what)
+    raise TypeError(
+        "plans must be a LayerPlans, a {layer_idx: ReductionPlan} mapping, a RankPolicy or a callable "
+        f"(layers -> LayerPlans) run on rank 0, got {type(plans).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

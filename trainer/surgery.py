@@ -23,6 +23,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from compressm_hf.protocol import as_param_swap
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "decided_on_rank0",
     "OPTIMIZER_STATE_MODES",
     "PeerTimeoutError",
     "apply_ddp_timeout",
@@ -415,6 +417,34 @@ def broadcast_objects(objects: Sequence[Any], src: int = 0, what: str = "broadca
     except RuntimeError as exc:
         raise _peer_timeout(what, t0, exc) from exc
     return payload
+
+
+@dataclass
+class _Rank0Failed:
+    """Sent instead of rank 0's result when it raised (so that no rank waits in the broadcast until a timeout)."""
+
+    reason: str
+
+
+def decided_on_rank0(decide, what: str):
+    """``decide()`` run on rank 0 only, its result on every rank (:func:`broadcast_objects`).
+
+    When ``decide`` raises on rank 0 the other ranks are told at once: rank 0 raises the error itself, every other
+    rank a ``RuntimeError`` naming it (instead of waiting in the broadcast until the process group times out).
+    """
+    if not is_distributed():
+        return decide()
+    result = None
+    if distributed_rank() == 0:
+        try:
+            result = decide()
+        except Exception as exc:
+            broadcast_objects([_Rank0Failed(f"{type(exc).__name__}: {exc}")], what=what)
+            raise
+    result = broadcast_objects([result], what=what)[0]
+    if isinstance(result, _Rank0Failed):
+        raise RuntimeError(f"{what}: rank 0 failed ({result.reason}); nothing was changed")
+    return result
 
 
 def ddp_init_kwargs(ddp: torch.nn.parallel.DistributedDataParallel) -> dict:
