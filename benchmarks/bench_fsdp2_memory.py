@@ -10,8 +10,9 @@ plain loop. Two cuts (``--cuts``, default after steps 24 and 26: inside the firs
 ``compressm_hf.trainer.distributed_cut.cut_in_training`` with ``RankPolicy(tau=--tau)`` (0.12: 64 -> ~32
 states over the two cuts); the selective layers collect surrogate statistics over the 2 steps up to each cut.
 
-* ``ddp``: the model wrapped in ``DistributedDataParallel``; ``cut_in_training`` plans on rank 0 (rank 0's
-  statistics), broadcasts, ``compress_model``, transplants AdamW's state and rebuilds DDP in place.
+* ``ddp``: the model wrapped in ``DistributedDataParallel``; ``cut_in_training`` plans on rank 0 (the statistics
+  of every rank, pooled since commit f7ca92c; ``fsdp2_memory.json`` was measured before, with rank 0's own),
+  broadcasts, ``compress_model``, transplants AdamW's state and rebuilds DDP in place.
 * ``fsdp2``: ``fully_shard`` on every block, then the root (``tests/distributed/fsdp2_train.py::shard``);
   ``cut_in_training`` calls ``compress_fully_sharded`` (statistics pooled over the ranks, per-layer gather,
   re-shard in place).

@@ -138,6 +138,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._greater: bool = True
         self._awaiting_eval: int | None = None  # pragmatic: the attempt step whose evaluation decides its cut
         self._unlogged: list[dict] = []
+        self._collecting: bool | None = None  # what on_step_begin last switched statistics collection to
         self._health = HealthCheck()  # the run's health checks (see .health)
         self._warned_layers: set[tuple[str, int]] = set()  # (argument, layer_idx) warned about
         self._budget_total: int | None = None  # the state budget as a total (set at on_train_begin)
@@ -209,11 +210,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         # transformers drops ddp_timeout on CPU (gloo): make it bound every collective, DDP's own included
         apply_ddp_timeout(getattr(args, "ddp_timeout", None))
         if self.skip_incomplete_checkpoints and args.output_dir:
-            for old, new in quarantine_incomplete_checkpoints(args.output_dir) if args.should_save else ():
+            moved = quarantine_incomplete_checkpoints(args.output_dir) if args.should_save else []
+            last = last_complete_checkpoint(args.output_dir) if moved else None
+            for old, new in moved:
                 warnings.warn(
                     f"{old} is an incomplete checkpoint (the process writing it was killed): renamed to {new} so "
-                    f"that resume_from_checkpoint=True uses the last complete one "
-                    f"({last_complete_checkpoint(args.output_dir)})",
+                    f"that resume_from_checkpoint=True uses the last complete one ({last})",
                     stacklevel=2,
                 )
             if is_distributed():  # every rank must see the same checkpoint list before train()
@@ -241,7 +243,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 args, self._trainer, self.metric_for_pragmatic, self.greater_is_better, model=model
             )
         restore_or_reset(self, state)
-        self._snapshot, self._awaiting_eval = None, None
+        self._snapshot, self._awaiting_eval, self._collecting = None, None, None
         self._health = HealthCheck(state.global_step)
         sizes = [int(layer.state_size) for layer in layers]
         for key, message in self.config.uncuttable_layers(layers):
@@ -276,8 +278,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         collect = (
             bool(upcoming) and not self.stopped and upcoming[0] - state.global_step <= self.statistics_steps
         )
-        if model is not None:
+        if model is not None and collect != self._collecting:  # walk the model only when it changes
             set_statistics(model, collect)
+            self._collecting = collect
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -374,6 +377,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         step, reason = int(state.global_step), "; ".join(problems)
         stop = self.on_nonfinite == "stop"
         set_statistics(model, False, reset=True)
+        self._collecting = False
         event = skipped_event(state, find_reducible_layers(model), reason, self.optimizer_state)
         self.history.append(jsonable(event))
         if stop:
@@ -399,6 +403,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             optimizer_state=self.optimizer_state,
             wrapped=getattr(self._trainer, "model_wrapped", None),
         )
+        self._collecting = False  # the cut switched statistics off (and reset them)
         event = reduction_event(state, cut, self.optimizer_state)
         self.history.append(jsonable(event))
         self._sync_config(model)

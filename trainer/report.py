@@ -68,8 +68,6 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from compressm_hf.engine import plan_record  # noqa: F401  (re-exported: the engine builds the layer records)
-
 REPORT_NAME = "compression_report.json"
 REPORT_FORMAT = "compressm-hf/compression-report"
 REPORT_VERSION = 1

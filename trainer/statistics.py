@@ -85,9 +85,11 @@ def pooled_statistics(layers: Sequence[torch.nn.Module]) -> dict[int, dict | Non
 
 def pool_statistics_(layers: Sequence[torch.nn.Module]) -> None:
     """Replace every selective layer's statistics by their sum over the ranks (:func:`pooled_statistics`), on
-    every rank; a no-op without a process group or without statistics. Call it on every rank, right before a
-    cut (the statistics are reset after it)."""
-    if not dist.is_initialized() or not any(_statistics(layer) is not None for layer in layers):
+    every rank; a no-op without a process group or without selective layers. Call it on every rank, right before
+    a cut (the statistics are reset after it). Ranks that disagree (statistics on some only) raise the
+    ``RuntimeError`` of :func:`pooled_statistics` on every rank: whether a layer collects statistics is the same
+    on every rank, whether it holds some need not be."""
+    if not dist.is_initialized() or not any(hasattr(layer, "collect_statistics") for layer in layers):
         return
     pooled = pooled_statistics(layers)
     for layer in layers:

@@ -286,7 +286,6 @@ def rank_for_tau(
 ) -> dict:
     """What the tolerance rule does with ``tau`` on sorted ``scores``: rule rank, final rank, energy, bound."""
     from compressm_hf import apply_gate, round_rank, select_rank
-    from compressm_hf.settings import CompreSSMConfig
 
     policy = CompreSSMConfig(tau=tau, gate=gate, min_state_size=min_state_size, round_to=round_to).policy()
     n = scores.shape[-1]
@@ -479,15 +478,7 @@ def cmd_compress(args) -> int:
     source, evals = _prepare(args, model, args.model_dir, eval_blocks=args.eval_blocks)
     ppl_before = perplexity(model, evals, args.batch_size) if evals is not None else None
 
-    policy = CompreSSMConfig(
-        tau=args.tau if args.mode == "tolerance" else None,
-        mode=args.mode,
-        gate=args.gate,
-        min_state_size=args.min_state_size,
-        round_to=args.round_to,
-        selection=args.selection,
-        fixed_fraction=args.fixed_fraction,
-    ).policy()
+    policy = args.settings.policy()  # tau counts only in tolerance mode
     previous = getattr(model.config, "compression", None)
     cut = compress_model(model, policy, seed=args.seed)  # the engine of the callback (pole margin, skips)
     sizes_before, sizes_after = cut.sizes_before, cut.sizes_after
@@ -591,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compress" and args.mode == "tolerance" and args.tau is None:
         parser.error("compress --mode tolerance needs --tau (e.g. --tau 0.05)")
     try:
-        settings_from_args(args)  # the settings' own checks (fixed_fraction in (0, 1), ...)
+        args.settings = settings_from_args(args)  # the settings' own checks (fixed_fraction in (0, 1), ...)
     except ValueError as err:
         parser.error(as_flags(err))
     try:

@@ -74,6 +74,7 @@ from compressm_hf.cli.train_summary import (
     public_path,
 )
 from compressm_hf.cli.write_safety import WriteFailedError, disk_full_as_error
+from compressm_hf.trainer.report import REPORT_NAME
 from compressm_hf.trainer.timing import StepTimer, add_timing_to_report, run_timing
 
 __all__ = [
@@ -369,7 +370,7 @@ def _save_outputs(
     else:
         from compressm_hf.trainer.model_card import write_model_card
 
-        report = out / "compression_report.json"
+        report = out / (compress_cb.report_name if compress_cb is not None else REPORT_NAME)
         write_model_card(out, report=report if report.is_file() else None, model_name=out.name, **card_kwargs)
     summary = summary.rsplit("\n", 1)[0] + "\n" + last_line()
     (out / SUMMARY_NAME).write_text(summary + "\n", "utf-8")

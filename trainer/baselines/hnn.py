@@ -17,15 +17,12 @@ Only LRU layers are supported (a selective layer has no fixed system to regulari
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from transformers import Trainer
 
 from compressm_hf import hankel_singular_values
-from compressm_hf.budget import tau_for_budget
+from compressm_hf.budget import UnreachableBudgetError, minimum_total
 from compressm_hf.engine import compress_model
-from compressm_hf.planning import rank_scores
 from compressm_hf.protocol import find_reducible_layers
 from compressm_hf.settings import CompreSSMConfig
 
@@ -122,7 +119,8 @@ def balanced_truncate_(
     """One balanced truncation per reducible layer (``plan_reduction`` + ``reduce_``), e.g. after HNN training.
 
     Give ``tau`` (the per-layer rule) or ``budget``: the total state size across layers; the shared ``tau``
-    comes from :func:`compressm_hf.budget.tau_for_budget` (the largest total ``<= budget``; raises
+    is the engine's (:func:`compressm_hf.engine.compress_model` with ``target_total``: the largest total
+    ``<= budget``, layers it skips counted at their size; raises
     ``UnreachableBudgetError`` below what ``min_state_size`` allows). Returns ``{"sizes_before", "sizes_after",
     "energy_kept", "tau"}``; ``config.state_sizes`` is updated.
     """
@@ -131,15 +129,19 @@ def balanced_truncate_(
     policy = CompreSSMConfig(
         tau=0.0 if tau is None else tau, gate=gate, min_state_size=min_state_size
     ).policy()
-    if budget is not None:
-        scores = [rank_scores(layer.lti_system()) for layer in find_reducible_layers(model)]
-        policy = dataclasses.replace(policy, tau=tau_for_budget(scores, budget, policy).tau)
-    cut = compress_model(model, policy)
+    if budget is not None:  # the engine searches the shared tau (a layer it skips keeps its size and counts)
+        sizes = [int(layer.state_size) for layer in find_reducible_layers(model)]
+        if int(budget) < minimum_total(sizes, policy):
+            raise UnreachableBudgetError(
+                f"budget {budget} is below {minimum_total(sizes, policy)}, the smallest total min_state_size="
+                f"{min_state_size} and gate={gate} allow for layers of sizes {sizes}"
+            )
+    cut = compress_model(model, policy, target_total=budget)
     if cut.swaps and optimizer is not None:
         transplant_optimizer_state(optimizer, cut.swaps, "slice")
     return {
         "sizes_before": cut.sizes_before,
         "sizes_after": cut.sizes_after,
         "energy_kept": {r["layer_idx"]: float(r["energy_kept"]) for r in cut.layers if r["reduced"]},
-        "tau": policy.tau,
+        "tau": policy.tau if cut.budget is None else float(cut.budget.get("tau", 0.0)),
     }
