@@ -44,6 +44,7 @@ __all__ = [
     "LayerPlans",
     "StateSizeMismatchError",
     "apply_plans",
+    "as_layer_plans",
     "check_pole_margin",
     "check_state_sizes",
     "compress_model",
@@ -256,6 +257,18 @@ def _reason(idx: int, plans: LayerPlans) -> str:
     return "budget met" if plans.budget is not None and plans.budget.get("within_budget") else "gate"
 
 
+def as_layer_plans(plans: LayerPlans | Mapping[int, ReductionPlan | None]) -> LayerPlans:
+    """``plans`` as :class:`LayerPlans`: a plain ``{layer_idx: ReductionPlan}`` mapping (``None``: keep the layer)
+    is wrapped, a ``LayerPlans`` is returned as is; anything else is a TypeError naming it."""
+    if isinstance(plans, LayerPlans):
+        return plans
+    if isinstance(plans, Mapping):
+        return LayerPlans(plans={int(k): v for k, v in plans.items() if v is not None})
+    raise TypeError(
+        f"plans must be a LayerPlans or a {{layer_idx: ReductionPlan}} mapping, got {type(plans).__name__}"
+    )
+
+
 @torch.no_grad()
 def apply_plans(layers: Sequence[torch.nn.Module], plans: LayerPlans) -> tuple[list, list[dict]]:
     """``layer.reduce_(plan)`` for every planned layer; ``(swaps, one record per layer)``.
@@ -360,8 +373,8 @@ def compress_model(
                 "compress_model needs a RankPolicy (policy=...) or the plans (plans=...), got neither"
             )
         plans = plan_layers(layers, policy, seed=seed, step=step, target_total=target_total)
-    elif not isinstance(plans, LayerPlans):
-        plans = LayerPlans(plans={int(k): v for k, v in plans.items() if v is not None})
+    else:
+        plans = as_layer_plans(plans)
     sizes_before = [int(layer.state_size) for layer in layers]
     swaps, records = apply_plans(layers, plans)
     sizes_after = check_state_sizes(model, layers)

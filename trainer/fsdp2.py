@@ -6,8 +6,8 @@ an ``FSDPParamGroup`` of ``FSDPParam`` records (shard sizes, padding, all-gather
 parameters' shapes. :func:`compress_fully_sharded` runs a cut on such a model, in place, on every rank:
 
 1. statistics of selective layers (Mamba's surrogate moments, sums over tokens) are summed across
-   ranks, so rank 0 plans on the statistics of every rank's batches (the sums and the token counts are
-   both summed: the averages the layers take are the pooled ones);
+   ranks in place (:func:`~compressm_hf.trainer.statistics.pool_statistics_`), so rank 0 plans on the
+   statistics of every rank's batches (sums and token counts both summed);
 2. for each reducible layer in turn, the layer's parameters (that layer only) are gathered to full
    tensors (``DTensor.full_tensor()``) and put on the layer for the time of the call, so that its
    ``lti_system()`` / ``reduce_()`` see plain tensors;
@@ -39,12 +39,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compressm_hf.engine import CompressionEvent, LayerPlans, apply_plans, check_state_sizes, plan_layers
+from compressm_hf.engine import (
+    CompressionEvent,
+    LayerPlans,
+    apply_plans,
+    as_layer_plans,
+    check_state_sizes,
+    plan_layers,
+)
 from compressm_hf.modeling.mamba.modeling_common import as_unsharded_class
 from compressm_hf.protocol import ParamSwap, as_param_swap, find_reducible_layers
 from compressm_hf.rank import RankPolicy
 
-from .statistics import pooled_statistics
+from .statistics import pool_statistics_
 from .surgery import (
     OPTIMIZER_STATE_MODES,
     base_optimizer,
@@ -60,7 +67,6 @@ __all__ = [
     "compress_fully_sharded",
     "is_fully_sharded",
     "local_state_bytes",
-    "pooled_statistics",
     "save_pretrained_fully_sharded",
 ]
 
@@ -290,10 +296,6 @@ def _full_parameters(layer: torch.nn.Module, sharded: dict[int, _Sharded]) -> It
 
 
 # --------------------------------------------------------------------------------------------
-# statistics
-
-
-# --------------------------------------------------------------------------------------------
 # planning
 
 
@@ -313,28 +315,11 @@ class _PlannedLayer:
         return self._system
 
 
-def _system_of(layer: torch.nn.Module, stats: dict | None) -> _PlannedLayer:
-    had = hasattr(layer, "_stats")
-    local = getattr(layer, "_stats", None)
-    if stats is not None:
-        layer._stats = stats
+def _system_of(layer: torch.nn.Module) -> _PlannedLayer:
     try:
         return _PlannedLayer(layer, system=layer.lti_system())
     except ValueError as exc:
         return _PlannedLayer(layer, error=exc)
-    finally:
-        if had:
-            layer._stats = local
-
-
-def _as_layer_plans(decided: Any) -> LayerPlans:
-    if isinstance(decided, LayerPlans):
-        return decided
-    if isinstance(decided, Mapping):
-        return LayerPlans(plans={int(k): v for k, v in decided.items() if v is not None})
-    raise TypeError(
-        f"the planner must return a LayerPlans or a {{layer_idx: ReductionPlan}} mapping, got {type(decided).__name__}"
-    )
 
 
 def _decide(
@@ -348,19 +333,19 @@ def _decide(
     """Rank 0's :class:`LayerPlans`, on every rank (planned on rank 0 when ``plans`` is a planner)."""
     what = f"the CompreSSM FSDP2 plan of step {step}"
     if isinstance(plans, (LayerPlans, Mapping)):
-        return broadcast_objects([_as_layer_plans(plans)], what=what)[0]
+        return broadcast_objects([as_layer_plans(plans)], what=what)[0]
     if isinstance(plans, RankPolicy) or callable(plans):
-        pooled = pooled_statistics(layers)
+        pool_statistics_(layers)  # every rank's tokens (each rank now holds the sums over all ranks)
         views = []
         for layer in layers:
             with _full_parameters(layer, sharded):
                 if distributed_rank() == 0:
-                    views.append(_system_of(layer, pooled[int(layer.layer_idx)]))
+                    views.append(_system_of(layer))
 
         def decide() -> LayerPlans:
             if isinstance(plans, RankPolicy):
                 return plan_layers(views, plans, seed=seed, step=step, target_total=target_total)
-            return _as_layer_plans(plans(views))
+            return as_layer_plans(plans(views))
 
         return decided_on_rank0(decide, what)
     raise TypeError(

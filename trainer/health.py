@@ -26,7 +26,8 @@ import warnings
 
 import torch
 
-from .surgery import broadcast_objects, is_distributed
+from .fsdp2 import is_fully_sharded
+from .surgery import broadcast_objects, gathered_objects, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +64,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a ``DTensor`` (FSDP2), else ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """Whether some parameter of ``model`` is a ``DTensor`` (FSDP2: each rank holds only its shard)."""
-    return any(callable(getattr(p, "to_local", None)) for p in model.parameters())
-
-
-def _gathered(value) -> list:
-    """``value`` of every rank (``dist.all_gather_object``; one item without a process group)."""
-    if not is_distributed():
-        return [value]
-    import torch.distributed as dist
-
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def describe_names(names: list[str], limit: int = 5) -> str:
@@ -125,8 +110,8 @@ class HealthCheck:
         """Remember whether the gradient of the optimizer step ending at ``step`` is all zero (on every rank's
         shard, under FSDP2; every rank calls this)."""
         zero = gradient_is_zero(model)
-        if _is_sharded(model):
-            zero = all(_gathered(zero))
+        if is_fully_sharded(model):
+            zero = all(gathered_objects(zero, f"the gradient check of step {step}"))
         self.zero_gradient_at[int(step)] = zero
 
     def problems(self, model: torch.nn.Module, state, at_attempt: bool) -> list[str]:
@@ -134,8 +119,8 @@ class HealthCheck:
         step = int(state.global_step)
         problems = []
         bad = nonfinite_parameters(model)
-        if _is_sharded(model):  # FSDP2: a NaN may sit in another rank's shard
-            found = set().union(*_gathered(bad))
+        if is_fully_sharded(model):  # FSDP2: a NaN may sit in another rank's shard
+            found = set().union(*gathered_objects(bad, f"the parameter check of step {step}"))
             bad = [n for n, _ in model.named_parameters() if n in found]
         if bad:
             problems.append(

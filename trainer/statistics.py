@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from compressm_hf.protocol import find_reducible_layers
 
+from .surgery import gathered_objects
+
 __all__ = ["pool_statistics_", "pooled_statistics", "set_statistics"]
 
 
@@ -57,8 +59,7 @@ def pooled_statistics(layers: Sequence[torch.nn.Module]) -> dict[int, dict | Non
     }
     if not dist.is_initialized():
         return {idx: None if s is None else dict(s) for idx, s in local.items()}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, signature)
+    every = gathered_objects(signature, "the surrogate-statistics check")
     if any(other != signature for other in every):
         raise RuntimeError(
             f"the ranks hold different surrogate statistics (layer -> keys and shapes per rank: {every}); every "

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "decided_on_rank0",
+    "gathered_objects",
     "OPTIMIZER_STATE_MODES",
     "PeerTimeoutError",
     "apply_ddp_timeout",
@@ -417,6 +418,22 @@ def broadcast_objects(objects: Sequence[Any], src: int = 0, what: str = "broadca
     except RuntimeError as exc:
         raise _peer_timeout(what, t0, exc) from exc
     return payload
+
+
+def gathered_objects(obj: Any, what: str = "gather") -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` when not distributed); a peer that does not take part
+    within the process group's timeout ends it with :class:`PeerTimeoutError`, as in :func:`broadcast_objects`."""
+    obj = move_to_cpu(obj)
+    if not is_distributed():
+        return [obj]
+    distributed_barrier(what)
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    t0 = time.monotonic()
+    try:
+        torch.distributed.all_gather_object(out, obj)
+    except RuntimeError as exc:
+        raise _peer_timeout(what, t0, exc) from exc
+    return out
 
 
 @dataclass

@@ -139,7 +139,8 @@ def test_saved_full_state_dict_loads_at_compressed_sizes(runs, name):
 
 
 def test_refuses_a_model_without_fully_shard_and_a_bad_mode():
-    from compressm_hf.trainer.fsdp2 import compress_fully_sharded, is_fully_sharded, pooled_statistics
+    from compressm_hf.trainer.fsdp2 import compress_fully_sharded, is_fully_sharded
+    from compressm_hf.trainer.statistics import pooled_statistics
 
     model = _driver().build_model({"model": "mamba", "state_size": 4, "seed": 0, "n_groups": 1})
     optimizer = torch.optim.AdamW(model.parameters())
